@@ -1,0 +1,283 @@
+"""Random square views of an image, their refinement, and their materialisation as model inputs.
+
+WCA (Li et al., ICML 2024, Sec. 3 "localized visual prompting") represents an image by many
+random square crops ("views") whose side is a uniform fraction ``s ~ U(alpha, beta)`` of the
+image's shorter side; each crop is resized to the vision encoder's input size. BiFTA's view
+refinement samples views from a narrower scale range and discards views that overlap an earlier
+kept view too much (IoU above a threshold), so the kept views are less redundant.
+
+Boxes are integer pixel rectangles ``(x0, y0, x1, y1)`` with ``x1``/``y1`` exclusive, i.e. the
+same convention as ``PIL.Image.crop``; the area of a box is ``(x1 - x0) * (y1 - y0)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from bifta_core.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ViewPreset:
+    """Settings for view sampling and refinement.
+
+    Attributes:
+        name: preset name.
+        scale: ``(alpha, beta)``; crop side = ``floor(U(alpha, beta) * min(W, H))``.
+        num_views: number of random boxes sampled per image.
+        iou_threshold: BiFTA view refinement threshold (``None``: no IoU filtering, as in WCA).
+        max_views: most views kept after refinement.
+    """
+
+    name: str
+    scale: tuple[float, float]
+    num_views: int
+    iou_threshold: float | None
+    max_views: int
+
+
+VIEW_PRESETS: dict[str, ViewPreset] = {
+    # WCA: 60 crops with scale in [0.1, 0.9], no overlap filtering.
+    "wca": ViewPreset("wca", (0.1, 0.9), 60, None, 60),
+    # BiFTA: larger crops, overlapping ones removed by IoU > 0.85.
+    "bifta": ViewPreset("bifta", (0.5, 0.9), 100, 0.85, 100),
+}
+
+
+def _check_scale(scale: tuple[float, float]) -> tuple[float, float]:
+    try:
+        alpha, beta = (float(v) for v in scale)
+    except (TypeError, ValueError):
+        raise ConfigError(f"scale must be a pair (alpha, beta) of numbers, got {scale!r}") from None
+    if not (0.0 < alpha <= beta <= 1.0):
+        raise ConfigError(f"scale must satisfy 0 < alpha <= beta <= 1, got ({alpha}, {beta})")
+    return alpha, beta
+
+
+def sample_boxes(
+    width: int,
+    height: int,
+    n: int,
+    scale: tuple[float, float] = (0.1, 0.9),
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Sample ``n`` random square boxes inside a ``width`` x ``height`` image (WCA Sec. 3).
+
+    Each box has side ``floor(s * m)`` with ``s ~ U(alpha, beta)`` and ``m = min(width, height)``,
+    clamped to ``[1, m]``; its top-left corner is uniform over the integer positions that keep the
+    box inside the image (``x0 in [0, W - side]``, ``y0 in [0, H - side]``).
+
+    Random numbers are drawn from ``generator`` (CPU) in a fixed order: ``n`` scales, then ``n``
+    x-offsets, then ``n`` y-offsets, so a generator from :func:`bifta_core.seeding.generator_for`
+    gives the same boxes everywhere.
+
+    Returns:
+        ``torch.long`` tensor ``[n, 4]`` of ``(x0, y0, x1, y1)``, ``x1``/``y1`` exclusive.
+    """
+    alpha, beta = _check_scale(scale)
+    if int(width) != width or int(height) != height or width < 1 or height < 1:
+        raise ConfigError(f"image size must be positive integers, got {width}x{height}")
+    if int(n) != n or n < 0:
+        raise ConfigError(f"number of views must be a non-negative integer, got {n}")
+    width, height, n = int(width), int(height), int(n)
+    m = min(width, height)
+    # float64 so floor(s * m) matches the analytic bounds floor(alpha*m)..floor(beta*m) exactly.
+    r = torch.rand(3, n, generator=generator, dtype=torch.float64)
+    s = (alpha + (beta - alpha) * r[0]).clamp(alpha, beta)
+    side = torch.floor(s * m).clamp(1, m)
+    # floor(u * count) is uniform over 0..count-1; the clamp only guards float rounding.
+    x0 = torch.minimum(torch.floor(r[1] * (width - side + 1)), width - side)
+    y0 = torch.minimum(torch.floor(r[2] * (height - side + 1)), height - side)
+    return torch.stack([x0, y0, x0 + side, y0 + side], dim=1).to(torch.long)
+
+
+def _check_boxes(boxes: torch.Tensor, what: str) -> torch.Tensor:
+    if not isinstance(boxes, torch.Tensor) or boxes.ndim != 2 or boxes.shape[1] != 4:
+        shape = tuple(boxes.shape) if isinstance(boxes, torch.Tensor) else type(boxes).__name__
+        raise ConfigError(f"{what} must be a tensor of shape [N, 4], got {shape}")
+    return boxes
+
+
+def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Pairwise intersection-over-union of two sets of ``(x0, y0, x1, y1)`` boxes.
+
+    Areas are pixel counts ``(x1 - x0) * (y1 - y0)`` (exclusive corners). Integer boxes are
+    compared in float64, where these integer areas and their ratios are exact enough that a
+    threshold test agrees with exact arithmetic; floating boxes keep their dtype.
+
+    Returns:
+        ``[N, M]`` tensor of IoU values in ``[0, 1]`` (0 where the union is empty).
+    """
+    a = _check_boxes(a, "boxes a")
+    b = _check_boxes(b, "boxes b")
+    dtype = a.dtype if a.is_floating_point() else torch.float64
+    a = a.to(dtype)
+    b = b.to(dtype=dtype, device=a.device)
+    area_a = (a[:, 2] - a[:, 0]).clamp_min(0) * (a[:, 3] - a[:, 1]).clamp_min(0)
+    area_b = (b[:, 2] - b[:, 0]).clamp_min(0) * (b[:, 3] - b[:, 1]).clamp_min(0)
+    lo = torch.maximum(a[:, None, :2], b[None, :, :2])
+    hi = torch.minimum(a[:, None, 2:], b[None, :, 2:])
+    wh = (hi - lo).clamp_min(0)
+    inter = wh[..., 0] * wh[..., 1]
+    union = area_a[:, None] + area_b[None, :] - inter
+    return torch.where(union > 0, inter / union.clamp_min(torch.finfo(dtype).tiny), 0.0)
+
+
+def refine_boxes(
+    boxes: torch.Tensor, iou_threshold: float | None, max_views: int | None
+) -> torch.Tensor:
+    """BiFTA view refinement: greedily drop views that overlap an earlier kept view too much.
+
+    Boxes are visited in generation order. The first box is kept; a later box is kept only if
+    its IoU with every kept box is ``<= iou_threshold``. Visiting stops once ``max_views`` boxes
+    are kept. ``iou_threshold=None`` disables the IoU test (only the cap applies, i.e. WCA);
+    ``max_views=None`` means no cap.
+
+    Returns:
+        ``torch.long`` indices of the kept boxes, increasing.
+    """
+    boxes = _check_boxes(boxes, "boxes")
+    if iou_threshold is not None and not (0.0 <= float(iou_threshold) <= 1.0):
+        raise ConfigError(f"iou_threshold must be in [0, 1] or None, got {iou_threshold}")
+    if max_views is not None and (int(max_views) != max_views or max_views < 1):
+        raise ConfigError(f"max_views must be a positive integer or None, got {max_views}")
+    n = boxes.shape[0]
+    cap = n if max_views is None else min(n, int(max_views))
+    if iou_threshold is None:
+        return torch.arange(cap, dtype=torch.long)
+    iou = box_iou(boxes, boxes).cpu()
+    # too_close[i, j]: box j may not be kept if box i is kept.
+    too_close = (iou > float(iou_threshold)).numpy()
+    kept: list[int] = []
+    blocked = np.zeros(n, dtype=bool)
+    for i in range(n):
+        if len(kept) >= cap:
+            break
+        if blocked[i]:
+            continue
+        kept.append(i)
+        blocked |= too_close[i]
+    return torch.tensor(kept, dtype=torch.long)
+
+
+def _box_list(boxes: torch.Tensor | Sequence[Sequence[int]]) -> list[tuple[int, int, int, int]]:
+    t = torch.as_tensor(boxes)
+    if t.numel() == 0:
+        return []
+    t = _check_boxes(t, "boxes")
+    return [tuple(int(v) for v in row) for row in t.tolist()]  # type: ignore[misc]
+
+
+def _check_size(size: int) -> int:
+    if int(size) != size or size < 1:
+        raise ConfigError(f"view size must be a positive integer, got {size}")
+    return int(size)
+
+
+def crop_resize_pil(
+    image: Image.Image, boxes: torch.Tensor | Sequence[Sequence[int]], size: int
+) -> torch.Tensor:
+    """Reference view materialisation: ``image.crop(box).resize((size, size), BICUBIC)``.
+
+    This is WCA's localized visual prompting done exactly as PIL-based preprocessing does it.
+
+    Returns:
+        ``torch.uint8`` tensor ``[n, 3, size, size]`` (RGB).
+    """
+    size = _check_size(size)
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    out = torch.empty((len(_box_list(boxes)), 3, size, size), dtype=torch.uint8)
+    for k, box in enumerate(_box_list(boxes)):
+        view = rgb.crop(box).resize((size, size), Image.BICUBIC)
+        out[k] = torch.from_numpy(np.asarray(view, dtype=np.uint8).copy()).permute(2, 0, 1)
+    return out
+
+
+def crop_resize_tensor(
+    image: torch.Tensor, boxes: torch.Tensor | Sequence[Sequence[int]], size: int
+) -> torch.Tensor:
+    """Tensor (GPU-capable) view materialisation matching :func:`crop_resize_pil`.
+
+    Each box is sliced out of ``image`` and resized with antialiased bicubic interpolation
+    (``align_corners=False``), which uses the same Keys kernel (a = -0.5) and footprint as PIL's
+    BICUBIC filter. Like PIL, the resize is done as a horizontal pass followed by a vertical pass,
+    and the intermediate result is rounded and clipped to 0..255 as PIL does in uint8; without
+    that step sharp edges differ by up to ~27 grey levels because PIL clips the first pass's
+    overshoot (a consequence: float inputs are treated as 8-bit images). Boxes of equal width
+    and height are resized in one batched call. Boxes must lie inside the image.
+
+    Measured agreement with :func:`crop_resize_pil` (absolute difference in 0..255 units, scales
+    (0.1, 0.9) and (0.5, 0.9), up- and down-scaling): on 40 ImageNet photos resized to 224, mean
+    0.11-0.25 per image and max 1.44; on synthetic gradient images with a hard wrap-around edge,
+    mean 0.15-0.17 and max 0.65. Rounded to uint8 the outputs are within 1 grey level of PIL's.
+    The tests assert mean < 0.5 and max < 2.
+
+    Args:
+        image: ``[3, H, W]`` uint8 or float tensor with values in 0..255, on any device.
+        boxes: ``[n, 4]`` integer ``(x0, y0, x1, y1)`` boxes, exclusive corners.
+        size: output side length.
+
+    Returns:
+        float32 tensor ``[n, 3, size, size]`` in 0..255 on ``image``'s device.
+    """
+    size = _check_size(size)
+    if not isinstance(image, torch.Tensor) or image.ndim != 3 or image.shape[0] != 3:
+        shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+        raise ConfigError(f"image must be a [3, H, W] tensor, got {shape}")
+    img = image.to(torch.float32)
+    h, w = img.shape[1], img.shape[2]
+    box_list = _box_list(boxes)
+    for x0, y0, x1, y1 in box_list:
+        if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
+            raise ConfigError(f"box {(x0, y0, x1, y1)} is empty or outside the {w}x{h} image")
+    out = torch.empty((len(box_list), 3, size, size), dtype=torch.float32, device=img.device)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for k, (x0, y0, x1, y1) in enumerate(box_list):
+        groups.setdefault((x1 - x0, y1 - y0), []).append(k)
+    for (_, bh), idx in groups.items():
+        crops = torch.stack(
+            [img[:, box_list[k][1] : box_list[k][3], box_list[k][0] : box_list[k][2]] for k in idx]
+        )
+        # A pass whose length is unchanged is an identity for this kernel, as PIL skips it.
+        horiz = F.interpolate(
+            crops, size=(bh, size), mode="bicubic", antialias=True, align_corners=False
+        )
+        horiz = torch.floor(horiz + 0.5).clamp_(0.0, 255.0)  # PIL stores pass 1 as uint8
+        resized = F.interpolate(
+            horiz, size=(size, size), mode="bicubic", antialias=True, align_corners=False
+        )
+        out[torch.tensor(idx, device=img.device)] = resized.clamp_(0.0, 255.0)
+    return out
+
+
+def normalize(
+    views: torch.Tensor,
+    mean: Sequence[float] | torch.Tensor,
+    std: Sequence[float] | torch.Tensor,
+) -> torch.Tensor:
+    """Apply the vision model's input normalisation: ``(views / 255 - mean) / std`` per channel.
+
+    ``mean``/``std`` are the per-channel values of the model's preprocess config (open_clip).
+
+    Args:
+        views: float tensor ``[n, 3, S, S]`` in 0..255 (e.g. from :func:`crop_resize_tensor`).
+
+    Returns:
+        float32 tensor of the same shape.
+    """
+    if not isinstance(views, torch.Tensor) or views.ndim != 4 or views.shape[1] != 3:
+        shape = tuple(views.shape) if isinstance(views, torch.Tensor) else type(views).__name__
+        raise ConfigError(f"views must be a [n, 3, S, S] tensor, got {shape}")
+    m = torch.as_tensor(mean, dtype=torch.float32, device=views.device).reshape(-1)
+    s = torch.as_tensor(std, dtype=torch.float32, device=views.device).reshape(-1)
+    if m.numel() != 3 or s.numel() != 3:
+        raise ConfigError(f"mean and std must have 3 values, got {m.numel()} and {s.numel()}")
+    if bool((s <= 0).any()):
+        raise ConfigError(f"std values must be positive, got {s.tolist()}")
+    return (views.to(torch.float32) / 255.0 - m[:, None, None]) / s[:, None, None]
