@@ -1,0 +1,217 @@
+"""One typed configuration for a labelling run, shared by the CLI, the Python API and job submission.
+
+``LabelConfig`` is plain data: build it in Python, load it from a YAML/JSON file, or let
+``jobs.label`` fill it from flags (flags override the file). ``validate()`` turns every bad value
+into a one-line :class:`ConfigError`; the resolved view and description settings for the chosen
+method come from the presets of the WCA and BiFTA papers unless overridden.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from bifta_core.errors import ConfigError
+from bifta_core.labelsets import METHODS
+from bifta_core.views import VIEW_PRESETS, ViewPreset
+
+#: Methods that score crops (views); the others only encode the whole image.
+VIEW_METHODS = ("wca", "bifta")
+AGGREGATIONS = ("normalized", "sum")
+
+
+@dataclass
+class ModelConfig:
+    """Which CLIP to run and where."""
+
+    model: str = "ViT-B-32"
+    pretrained: str = "openai"
+    device: str = "auto"
+    precision: str = "auto"
+    cache_dir: str | None = None
+
+
+@dataclass
+class LabelConfig:
+    """Everything that determines a labelling run's output rows."""
+
+    input: str = ""
+    labels: list[str] = field(default_factory=list)  # "PATH" or "NAME=PATH", one per label set
+    out: str = ""
+    method: str = "bifta"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    # Views (None = the method's preset: wca 60 views at scale 0.1-0.9; bifta 100 at 0.5-0.9, IoU 0.85)
+    num_views: int | None = None
+    max_views: int | None = None
+    iou_threshold: float | None = None
+    scale: tuple[float, float] | None = None
+    # Description refinement (BiFTA): cosine threshold and top-K per class
+    refine_descriptions: bool | None = None
+    desc_threshold: float = 0.99
+    desc_top_k: int = 50
+    # WCA scoring
+    image_scale: float = 4.0
+    text_scale: float = 2.0
+    aggregation: str = "normalized"
+    # Execution
+    batch_size: int = 8  # images per encode batch (views of these images are flattened together)
+    view_batch_size: int = 256  # crops per encoder forward pass
+    num_encoders: int | None = None  # encode actors; default: one per GPU, else one CPU actor
+    seed: int = 0
+    limit: int | None = None
+    top_k: int = 5
+    max_pixels: int = 120_000_000  # decompression-bomb guard
+    merge_duplicate_classes: bool = False
+    labelset_cache: str | None = None  # default ~/.cache/bifta/labelsets; "" disables
+    labelset_artifacts: list[str] = field(default_factory=list)
+    pgs_keep: float | None = None  # CLIP-PGS keep ratio for view encodes (None = off)
+    pgs_whole_image: bool = False  # also apply PGS to the whole-image encode
+    explain: bool = True
+    shard_size: int = 256  # rows per output file (upper bound)
+
+    # ------------------------------------------------------------------ resolution
+    @property
+    def uses_views(self) -> bool:
+        return self.method in VIEW_METHODS
+
+    def view_preset(self) -> ViewPreset:
+        """The view settings in force: the method's preset with explicit overrides applied."""
+        base = VIEW_PRESETS["wca" if self.method == "wca" else "bifta"]
+        num = self.num_views if self.num_views is not None else base.num_views
+        iou = self.iou_threshold if self.iou_threshold is not None else base.iou_threshold
+        max_views = self.max_views if self.max_views is not None else (base.max_views if iou is not None else num)
+        return ViewPreset(
+            name=base.name,
+            scale=tuple(self.scale) if self.scale is not None else base.scale,
+            num_views=num,
+            iou_threshold=iou,
+            max_views=min(max_views, num),
+        )
+
+    @property
+    def refines_descriptions(self) -> bool:
+        if self.refine_descriptions is not None:
+            return self.refine_descriptions
+        return self.method == "bifta"
+
+    def label_specs(self) -> list[tuple[str | None, str]]:
+        """``--labels`` values as (name or None, location)."""
+        specs = []
+        for item in self.labels:
+            name, sep, path = item.partition("=")
+            if sep and name and "/" not in name and "," not in name and path:
+                specs.append((name.strip(), path.strip()))
+            else:
+                specs.append((None, item))
+        return specs
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> "LabelConfig":
+        """Raise :class:`ConfigError` for the first bad value; return self for chaining."""
+        if not self.input:
+            raise ConfigError("no INPUT given (a folder, glob, manifest .csv/.parquet, or s3:// prefix)")
+        if not self.labels and not self.labelset_artifacts:
+            raise ConfigError("no label set given: pass --labels PATH (or --labelset-artifact)")
+        if not self.out:
+            raise ConfigError("no output location given: pass --out PATH")
+        if self.method not in METHODS:
+            raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got '{self.method}'")
+        if self.aggregation not in AGGREGATIONS:
+            raise ConfigError(f"--aggregation must be one of {', '.join(AGGREGATIONS)}, got '{self.aggregation}'")
+        _positive("--num-views", self.num_views)
+        _positive("--max-views", self.max_views)
+        _positive("--batch-size", self.batch_size)
+        _positive("--view-batch-size", self.view_batch_size)
+        _positive("--num-encoders", self.num_encoders)
+        _positive("--limit", self.limit, allow_zero=False)
+        _positive("--top-k", self.top_k)
+        _positive("--desc-top-k", self.desc_top_k)
+        _positive("--max-pixels", self.max_pixels)
+        _positive("--shard-size", self.shard_size)
+        if self.iou_threshold is not None and not 0.0 <= self.iou_threshold <= 1.0:
+            raise ConfigError(f"--iou-threshold must be within [0, 1], got {self.iou_threshold}")
+        if not -1.0 <= self.desc_threshold <= 1.0:
+            raise ConfigError(f"--desc-threshold must be a cosine within [-1, 1], got {self.desc_threshold}")
+        if self.scale is not None:
+            a, b = self.scale
+            if not 0.0 < a <= b <= 1.0:
+                raise ConfigError(f"--scale A,B needs 0 < A <= B <= 1, got {a},{b}")
+        if self.pgs_keep is not None and not 0.0 < self.pgs_keep <= 1.0:
+            raise ConfigError(f"--pgs-keep must be within (0, 1], got {self.pgs_keep}")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"--seed must be a non-negative integer, got {self.seed}")
+        return self
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if d["scale"] is not None:
+            d["scale"] = list(d["scale"])
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LabelConfig":
+        """Build from plain data (a config file); unknown keys are an error naming them."""
+        if not isinstance(data, dict):
+            raise ConfigError("a config file must hold a mapping of option names to values")
+        data = dict(data)
+        known = {f.name for f in dataclasses.fields(cls)}
+        model_keys = {f.name for f in dataclasses.fields(ModelConfig)}
+        model_data = dict(data.pop("model", {}) or {})
+        if isinstance(model_data, str):
+            model_data = {"model": model_data}
+        for key in list(data):
+            if key in model_keys and key not in known:
+                model_data[key] = data.pop(key)
+        unknown = sorted(set(data) - known) + sorted(f"model.{k}" for k in set(model_data) - model_keys)
+        if unknown:
+            raise ConfigError(f"unknown config option(s): {', '.join(unknown)}")
+        if isinstance(data.get("labels"), str):
+            data["labels"] = [data["labels"]]
+        if isinstance(data.get("labelset_artifacts"), str):
+            data["labelset_artifacts"] = [data["labelset_artifacts"]]
+        if data.get("scale") is not None:
+            data["scale"] = parse_scale(data["scale"])
+        return cls(model=ModelConfig(**model_data), **data)
+
+    @classmethod
+    def from_file(cls, path: str) -> "LabelConfig":
+        """Read a YAML or JSON config file."""
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file not found: {path}")
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+        try:
+            if path.lower().endswith(".json"):
+                data = json.loads(text)
+            else:
+                import yaml
+
+                data = yaml.safe_load(text) or {}
+        except Exception as exc:  # yaml and json raise different types; both are user errors here
+            raise ConfigError(f"cannot parse config file {path}: {str(exc).splitlines()[0]}") from None
+        return cls.from_dict(data)
+
+
+def parse_scale(value: Any) -> tuple[float, float]:
+    """``"0.5,0.9"`` or ``[0.5, 0.9]`` → ``(0.5, 0.9)``."""
+    try:
+        if isinstance(value, str):
+            parts = [float(p) for p in value.split(",")]
+        else:
+            parts = [float(p) for p in value]
+    except (TypeError, ValueError):
+        raise ConfigError(f"--scale must be two numbers A,B, got {value!r}") from None
+    if len(parts) != 2:
+        raise ConfigError(f"--scale must be two numbers A,B, got {value!r}")
+    return parts[0], parts[1]
+
+
+def _positive(flag: str, value: Any, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
+        raise ConfigError(f"{flag} must be a positive integer, got {value!r}")

@@ -1,0 +1,126 @@
+"""From embeddings to predictions: one scorer per method, top-k labels, margins, explanations.
+
+Shared by the labelling pipeline and by evaluation, so both score exactly alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from bifta_core.scoring import clip_scores, mean_scores, view_weights, wca_scores
+from bifta_core.text_banks import TextBank
+
+MEAN_METHODS = ("clip-e", "clip-d", "cupl")
+WCA_METHODS = ("wca", "bifta")
+
+
+@dataclass(frozen=True)
+class ScoreParams:
+    """WCA hyper-parameters (WCA §3.2: image and text temperature exponents, aggregation)."""
+
+    image_scale: float = 4.0
+    text_scale: float = 2.0
+    aggregation: str = "normalized"
+
+
+def method_scores(
+    method: str,
+    class_emb: torch.Tensor,
+    image_emb: torch.Tensor,
+    bank: TextBank | None = None,
+    view_emb: torch.Tensor | None = None,
+    view_mask: torch.Tensor | None = None,
+    params: ScoreParams = ScoreParams(),
+) -> torch.Tensor:
+    """``[B,C]`` class scores of ``method`` (CLIP / CLIP-E / CLIP-D / CuPL / WCA / BiFTA)."""
+    if method == "clip":
+        return clip_scores(image_emb, class_emb)
+    if bank is None:
+        raise ValueError(f"method {method} needs a text bank")
+    if method in MEAN_METHODS:
+        return mean_scores(image_emb, bank.desc_emb, bank.desc_class, class_emb.shape[0])
+    if method in WCA_METHODS:
+        if view_emb is None or view_mask is None:
+            raise ValueError(f"method {method} needs view embeddings")
+        return wca_scores(
+            view_emb,
+            view_mask,
+            image_emb,
+            bank.desc_emb,
+            bank.desc_class,
+            class_emb,
+            image_scale=params.image_scale,
+            text_scale=params.text_scale,
+            aggregation=params.aggregation,
+        )
+    raise ValueError(f"unknown method {method}")
+
+
+@dataclass
+class TopK:
+    """Top-k of a ``[B,C]`` score matrix, on CPU."""
+
+    indices: torch.Tensor  # long [B,k]
+    scores: torch.Tensor  # float [B,k]
+
+    @property
+    def margin(self) -> torch.Tensor:
+        """top1 − top2 (0 when only one class exists)."""
+        if self.scores.shape[1] < 2:
+            return torch.zeros(self.scores.shape[0])
+        return self.scores[:, 0] - self.scores[:, 1]
+
+
+def top_k(scores: torch.Tensor, k: int) -> TopK:
+    """Top-``k`` classes per row (ties resolved towards the lower class index, deterministically)."""
+    k = min(k, scores.shape[1])
+    s = scores.detach().float().cpu()
+    # A stable descending sort keeps equal scores in class order, so reruns agree on ties.
+    order = torch.sort(s, dim=1, descending=True, stable=True).indices[:, :k]
+    return TopK(indices=order, scores=torch.gather(s, 1, order))
+
+
+def pooled_image_features(
+    image_emb: torch.Tensor,
+    view_emb: torch.Tensor | None,
+    view_mask: torch.Tensor | None,
+    image_scale: float,
+) -> torch.Tensor:
+    """``Σ_i w_i · view_i`` (WCA's weighted visual feature), or the whole-image embedding without views."""
+    if view_emb is None or view_mask is None:
+        return F.normalize(image_emb.float(), dim=-1)
+    w = view_weights(view_emb, view_mask, image_emb, image_scale)
+    views = F.normalize(view_emb.float(), dim=-1) * view_mask.unsqueeze(-1)
+    return torch.einsum("bv,bvd->bd", w, views)
+
+
+def explain(
+    predicted: torch.Tensor,
+    image_features: torch.Tensor,
+    bank: TextBank | None,
+    n: int = 3,
+) -> list[list[str]]:
+    """Per image, the ``n`` descriptions of its predicted class with the highest weighted similarity.
+
+    Similarity is ``v_j · cos(feature, desc_j)`` for weighted banks (WCA/BiFTA) and the plain cosine
+    otherwise; ``feature`` is the pooled view feature (or the whole image for global methods).
+    """
+    if bank is None or bank.desc_emb.numel() == 0:
+        return [[] for _ in range(predicted.shape[0])]
+    feats = F.normalize(image_features.float(), dim=-1).cpu()
+    desc = bank.desc_emb.float().cpu()
+    out = []
+    for b, c in enumerate(predicted.tolist()):
+        idx = (bank.desc_class == c).nonzero(as_tuple=True)[0]
+        if idx.numel() == 0:
+            out.append([])
+            continue
+        sim = desc[idx] @ feats[b]
+        if bank.weights is not None:
+            sim = sim * bank.weights[idx].float()
+        order = torch.sort(sim, descending=True, stable=True).indices[:n]
+        out.append([bank.texts[int(idx[j])] for j in order])
+    return out

@@ -1,0 +1,157 @@
+"""Label-set text side: per-method description banks, refined and encoded once per label set.
+
+A :class:`TextBank` is what a scorer needs for one method: description embeddings ``[T,D]``, the
+class of each description ``[T]``, and (WCA/BiFTA) the description weights
+``v = softmax_c(e^{text_scale} · cos(desc, "a photo of a {c}."))`` (WCA §3.2). BiFTA's bank is the
+refined pool (BiFTA description refinement: ``cupl.json`` ∪ ``llm-pool.json``, ranked by cosine to
+the class prompt, near-duplicates above the threshold dropped, top-K kept).
+
+Every distinct string is encoded once, however many banks use it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import torch
+
+from bifta_core.descriptions import refine_descriptions
+from bifta_core.labelsets import LabelSet
+from bifta_core.models import ClipModel, config_fingerprint
+from bifta_core.scoring import description_weights
+
+logger = logging.getLogger("bifta.text_banks")
+
+#: Methods whose bank carries WCA description weights.
+WEIGHTED_METHODS = ("wca", "bifta")
+
+
+@dataclass(frozen=True)
+class BankSpec:
+    """How to build one bank: the method's texts, optionally refined (BiFTA)."""
+
+    method: str
+    refine: bool = False
+    threshold: float = 0.99
+    top_k: int | None = 50
+
+    @property
+    def key(self) -> str:
+        """Bank name: the method, plus ``+refined``/``-unrefined`` where it departs from its default."""
+        default_refine = self.method == "bifta"
+        if self.refine == default_refine:
+            return self.method
+        return f"{self.method}{'+refined' if self.refine else '-unrefined'}"
+
+
+@dataclass
+class TextBank:
+    """Encoded texts for one method of one label set."""
+
+    key: str
+    method: str
+    texts: list[str]
+    desc_class: torch.Tensor  # long [T]
+    desc_emb: torch.Tensor  # float32 [T, D], unit norm
+    weights: torch.Tensor | None = None  # float32 [T], per-class softmax (WCA/BiFTA)
+    pool_sizes: list[int] | None = None  # per class, descriptions before refinement
+
+
+@dataclass
+class LabelSetEmbeddings:
+    """All text-side matrices for one label set; shared read-only with every encode actor."""
+
+    name: str
+    classes: list[str]
+    class_emb: torch.Tensor  # [C, D] "a photo of a {c}."
+    banks: dict[str, TextBank]
+    content_hash: str
+    params: dict = field(default_factory=dict)
+    model: str = ""
+    pretrained: str = ""
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def bank(self, key: str) -> TextBank:
+        return self.banks[key]
+
+
+def content_hash(label_set: LabelSet, model_identity: str, specs: Sequence[BankSpec], text_scale: float) -> str:
+    """sha256 of everything the embeddings depend on: model+weights, label files, refinement settings."""
+    return config_fingerprint(
+        {
+            "model": model_identity,
+            "label_set": label_set.content(),
+            "banks": [vars(s) for s in specs],
+            "text_scale": text_scale,
+            "format": 1,
+        }
+    )
+
+
+def _encode_unique(model: ClipModel, texts: Iterable[str], batch_size: int) -> dict[str, torch.Tensor]:
+    unique = list(dict.fromkeys(texts))
+    emb = model.encode_text(unique, batch_size=batch_size)
+    return {t: emb[i] for i, t in enumerate(unique)}
+
+
+def build_label_set_embeddings(
+    label_set: LabelSet,
+    model: ClipModel,
+    specs: Sequence[BankSpec],
+    *,
+    text_scale: float = 2.0,
+    batch_size: int = 256,
+) -> LabelSetEmbeddings:
+    """Encode the class prompts and every bank in ``specs`` (refining where asked)."""
+    per_bank_texts: dict[str, list[list[str]]] = {}
+    for spec in specs:
+        per_bank_texts[spec.key] = label_set.refinement_pool() if spec.refine else label_set.texts_for(spec.method)
+    prompts = label_set.class_prompts()
+    all_texts = list(prompts)
+    for texts in per_bank_texts.values():
+        for group in texts:
+            all_texts.extend(group)
+    logger.info("label set '%s': encoding %d distinct texts", label_set.name, len(set(all_texts)))
+    table = _encode_unique(model, all_texts, batch_size)
+    class_emb = torch.stack([table[p] for p in prompts])
+
+    banks: dict[str, TextBank] = {}
+    for spec in specs:
+        groups = per_bank_texts[spec.key]
+        texts, classes = [], []
+        for c, group in enumerate(groups):
+            if spec.refine:
+                emb = torch.stack([table[t] for t in group]) if group else torch.empty(0, class_emb.shape[1])
+                kept = refine_descriptions(emb, class_emb[c], threshold=spec.threshold, top_k=spec.top_k, texts=group)
+                group = [group[i] for i in kept.tolist()]
+            texts.extend(group)
+            classes.extend([c] * len(group))
+        desc_class = torch.tensor(classes, dtype=torch.long)
+        desc_emb = torch.stack([table[t] for t in texts]) if texts else torch.empty(0, class_emb.shape[1])
+        weights = None
+        if spec.method in WEIGHTED_METHODS:
+            weights = description_weights(desc_emb, desc_class, class_emb, text_scale)
+        banks[spec.key] = TextBank(
+            key=spec.key,
+            method=spec.method,
+            texts=texts,
+            desc_class=desc_class,
+            desc_emb=desc_emb,
+            weights=weights,
+            pool_sizes=[len(g) for g in per_bank_texts[spec.key]],
+        )
+    return LabelSetEmbeddings(
+        name=label_set.name,
+        classes=list(label_set.classes),
+        class_emb=class_emb,
+        banks=banks,
+        content_hash=content_hash(label_set, model.identity, specs, text_scale),
+        params={"specs": [vars(s) for s in specs], "text_scale": text_scale},
+        model=model.model_name,
+        pretrained=model.pretrained,
+    )

@@ -1,0 +1,1 @@
+"""Entry points users run or submit with `ray job submit` (`python -m jobs.<name>`)."""

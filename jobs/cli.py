@@ -1,0 +1,65 @@
+"""The ``bifta`` command: one entry point, one sub-command per job module.
+
+Each sub-command lives in its own ``jobs/<name>.py`` with ``add_arguments(parser)`` and
+``run(args) -> int``; the same module runs as ``python -m jobs.<name>`` (what ``ray job submit``
+runs). User mistakes print one ``error:`` line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from bifta_core.errors import BiftaUserError
+
+#: sub-command -> (module, one-line help)
+COMMANDS = {
+    "label": ("jobs.label", "label images with a label set (Ray Data pipeline)"),
+    "evaluate": ("jobs.evaluate", "score every method on a labelled dataset from one encoding pass"),
+    "report": ("jobs.report", "summarise a prediction folder with polars"),
+    "describe": ("jobs.describe", "generate class descriptions with an LLM"),
+    "labelset": ("jobs.labelset", "build a reusable label-set artifact"),
+    "bench": ("jobs.bench", "benchmarks (pipeline, scaling, pgs)"),
+    "demo": ("jobs.demo", "label the bundled example photos end to end"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bifta", description="Zero-shot image labelling with CLIP, WCA and BiFTA.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name == module_name:
+                continue  # sub-command not shipped in this build
+            raise
+        p = sub.add_parser(name, help=help_text, description=help_text,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        module.add_arguments(p)
+        p.set_defaults(func=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    from jobs.label import configure_logging
+
+    configure_logging(getattr(args, "quiet", False))
+    try:
+        return int(args.func(args) or 0)
+    except BiftaUserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

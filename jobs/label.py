@@ -1,0 +1,160 @@
+"""``bifta label`` / ``python -m jobs.label`` — label images with a Ray Data pipeline.
+
+Runs with an embedded local Ray, or on the cluster in ``RAY_ADDRESS`` (``ray job submit`` sets it):
+
+    python -m jobs.label IMAGES --labels ../shared/descriptions/imagenet --out preds/ --method bifta
+
+Flags override values from ``--config FILE`` (YAML/JSON with the same names, underscores for
+dashes). A user mistake prints one ``error:`` line and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+from bifta_core.config import LabelConfig, parse_scale
+from bifta_core.errors import BiftaUserError
+from bifta_core.labelsets import METHODS
+
+EXIT_USER_ERROR = 2
+
+# flag dest -> LabelConfig field (model fields live under config.model)
+_MODEL_FIELDS = {"model", "pretrained", "device", "precision", "model_cache_dir"}
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Model and view flags shared by ``label``, ``evaluate`` and ``labelset build``."""
+    s = argparse.SUPPRESS
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", default=s, help="open_clip architecture (default ViT-B-32)")
+    g.add_argument("--pretrained", default=s,
+                   help="open_clip tag (default openai), checkpoint PATH or URI (s3://…), or 'random' (tests only)")
+    g.add_argument("--device", default=s, help="auto (default), cpu, cuda, cuda:1 …")
+    g.add_argument("--precision", default=s, choices=["auto", "fp32", "fp16", "bf16"], help="autocast on CUDA")
+    g.add_argument("--model-cache-dir", default=s, help="where downloaded checkpoints are kept")
+    v = parser.add_argument_group("views (WCA / BiFTA)")
+    v.add_argument("--num-views", type=int, default=s, help="crops sampled per image (wca 60, bifta 100)")
+    v.add_argument("--max-views", type=int, default=s, help="crops kept after IoU refinement (bifta 100)")
+    v.add_argument("--iou-threshold", type=float, default=s, help="drop a crop whose IoU with a kept one exceeds this (bifta 0.85)")
+    v.add_argument("--scale", type=parse_scale, default=s, help="crop side range A,B as fractions of the short side (wca 0.1,0.9; bifta 0.5,0.9)")
+    v.add_argument("--seed", type=int, default=s, help="global seed; views are seeded from (seed, image id)")
+    d = parser.add_argument_group("descriptions and scoring")
+    d.add_argument("--refine-descriptions", dest="refine_descriptions", action="store_true", default=s,
+                   help="BiFTA description refinement (default for --method bifta)")
+    d.add_argument("--no-refine-descriptions", dest="refine_descriptions", action="store_false", default=s)
+    d.add_argument("--desc-threshold", type=float, default=s, help="cosine above which a description is a near-duplicate (0.99)")
+    d.add_argument("--desc-top-k", type=int, default=s, help="descriptions kept per class after refinement (50)")
+    d.add_argument("--image-scale", type=float, default=s, help="crop-weight temperature exponent (4.0 → e^4)")
+    d.add_argument("--text-scale", type=float, default=s, help="description-weight temperature exponent (2.0 → e^2)")
+    d.add_argument("--aggregation", choices=["normalized", "sum"], default=s, help="WCA aggregation (normalized)")
+    d.add_argument("--merge-duplicate-classes", action="store_true", default=s,
+                   help="keep the first of repeated class names instead of failing")
+    p = parser.add_argument_group("CLIP-PGS")
+    p.add_argument("--pgs-keep", type=float, default=s, help="keep ratio of ViT patch tokens for view encodes (off)")
+    p.add_argument("--pgs-whole-image", action="store_true", default=s, help="also apply PGS to the whole-image encode")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    s = argparse.SUPPRESS
+    parser.add_argument("input", nargs="?", default=s,
+                        help="folder (recursive), glob, manifest .csv/.parquet with a 'uri' column, or s3:// prefix")
+    parser.add_argument("--labels", action="append", default=s, metavar="[NAME=]LABELSET",
+                        help="label-set folder, classes file or 'a,b,c'; repeat to label against several at once")
+    parser.add_argument("--out", default=s, help="output folder (local or s3://); rerunning resumes")
+    parser.add_argument("--method", choices=METHODS, default=s, help="scoring method (default bifta)")
+    parser.add_argument("--config", default=None, help="YAML/JSON config file; flags override it")
+    add_model_arguments(parser)
+    e = parser.add_argument_group("execution")
+    e.add_argument("--batch-size", type=int, default=s, help="images per encode batch (8)")
+    e.add_argument("--view-batch-size", type=int, default=s, help="crops per encoder forward pass (256)")
+    e.add_argument("--num-encoders", type=int, default=s, help="encode actors (default: one per GPU, else 1)")
+    e.add_argument("--limit", type=int, default=s, help="label only the first N inputs")
+    e.add_argument("--top-k", type=int, default=s, help="labels kept per image (5)")
+    e.add_argument("--max-pixels", type=int, default=s, help="refuse images larger than this (decompression-bomb guard)")
+    e.add_argument("--shard-size", type=int, default=s, help="images per output file (256)")
+    e.add_argument("--labelset-cache", default=s, help="label-set embedding cache folder (~/.cache/bifta/labelsets)")
+    e.add_argument("--no-labelset-cache", dest="labelset_cache", action="store_const", const="", default=s)
+    e.add_argument("--labelset-artifact", dest="labelset_artifacts", action="append", default=s,
+                   help="prebuilt label set from `bifta labelset build` (repeatable)")
+    e.add_argument("--no-explain", dest="explain", action="store_false", default=s,
+                   help="skip the explanation column")
+    e.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+def config_from_args(args: argparse.Namespace) -> LabelConfig:
+    """Config file (if any) overlaid with the flags that were given."""
+    base = LabelConfig.from_file(args.config) if getattr(args, "config", None) else LabelConfig()
+    data = base.to_dict()
+    given: dict[str, Any] = {k: v for k, v in vars(args).items() if k not in ("config", "quiet", "command", "func")}
+    for key, value in given.items():
+        if key in _MODEL_FIELDS:
+            data["model"]["cache_dir" if key == "model_cache_dir" else key] = value
+        else:
+            data[key] = value
+    return LabelConfig.from_dict(data)
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The one-screen end-of-run summary."""
+    lines = [
+        "",
+        "bifta label — summary",
+        f"  output        {summary['out']}",
+        f"  method        {summary['method']}  model {summary['model']} ({summary['pretrained']})",
+        f"  label sets    " + ", ".join(f"{k} ({v['classes']} classes)" for k, v in summary["label_sets"].items()),
+        f"  inputs        {summary['inputs']}  (already done {summary['skipped_already_done']})",
+        f"  labelled      {summary['ok']} ok, {summary['errors']} errors",
+        f"  throughput    {summary['images_per_second']} images/s over {summary['encode_seconds']} s",
+        f"  files         {summary['files_written']} written, {summary['rows_written']} rows",
+    ]
+    if summary["error_reasons"]:
+        lines.append("  error reasons " + "; ".join(f"{k} ×{v}" for k, v in summary["error_reasons"].items()))
+    if summary.get("random_weights"):
+        lines.append("  WARNING       random weights: these labels are meaningless")
+    return "\n".join(lines)
+
+
+def _progress(info: dict) -> None:
+    done, total = info["done"], info["total"]
+    rate = done / info["elapsed_s"] if info["elapsed_s"] else 0.0
+    eta = (total - done) / rate if rate else float("nan")
+    print(f"[bifta] {done}/{total} images ({100 * done / total:.0f}%), {info['errors']} errors, "
+          f"{rate:.2f} img/s, eta {eta:.0f}s", file=sys.stderr, flush=True)
+
+
+def configure_logging(quiet: bool = False) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("bifta").setLevel(logging.WARNING if quiet else logging.INFO)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run from parsed flags; raises :class:`BiftaUserError` for user mistakes."""
+    from pipelines.pipeline import run_label_job
+
+    config = config_from_args(args)
+    summary = run_label_job(config, on_progress=None if args.quiet else _progress)
+    print(format_summary(summary))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bifta label", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    configure_logging(args.quiet)
+    try:
+        return run(args)
+    except BiftaUserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

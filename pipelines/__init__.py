@@ -1,0 +1,1 @@
+"""Ray Data stages of the bifta labelling pipeline (one stage per module)."""

@@ -1,0 +1,219 @@
+"""The labelling workflow: inputs → read → decode+views → encode+score → Parquet.
+
+``run_label_job(config)`` is the Python API behind ``bifta label`` / ``python -m jobs.label``. It
+connects to the Ray cluster in ``RAY_ADDRESS`` (what ``ray job submit`` sets) or starts an embedded
+local Ray, resumes from whatever ``config.out`` already holds, and returns the run summary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from collections import Counter
+from typing import Any, Callable
+
+import pyarrow as pa
+import ray
+
+from bifta_core.config import LabelConfig
+from bifta_core.errors import BiftaUserError, ConfigError
+from bifta_core.models import config_fingerprint, model_input_size
+from pipelines.encode import EncodeStage
+from pipelines.inputs import list_inputs
+from pipelines.label_set import bank_specs, prepare_label_sets
+from pipelines.read import read_batch
+from pipelines.views import ViewStage
+from pipelines.write import RUN_FILE, SUMMARY_FILE, ResultWriter, completed_ids, output_schema, read_json, write_json
+
+logger = logging.getLogger("bifta.pipeline")
+
+#: Config fields that change output rows; everything else (paths, batch sizes, limits) does not.
+_ROW_FIELDS = (
+    "method", "num_views", "max_views", "iou_threshold", "scale", "refine_descriptions", "desc_threshold",
+    "desc_top_k", "image_scale", "text_scale", "aggregation", "seed", "top_k", "max_pixels",
+    "merge_duplicate_classes", "pgs_keep", "pgs_whole_image", "explain",
+)
+
+
+def ensure_ray(num_cpus: int | None = None) -> None:
+    """Join the cluster in ``RAY_ADDRESS`` (set by ``ray job submit``), else start a local Ray."""
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS") or None
+    kwargs: dict[str, Any] = dict(address=address, ignore_reinit_error=True, logging_level=logging.WARNING)
+    if address is None:
+        kwargs.update(num_cpus=num_cpus, include_dashboard=False)
+    ray.init(**kwargs)
+
+
+def model_config(config: LabelConfig) -> dict[str, Any]:
+    m = config.model
+    return dict(model_name=m.model, pretrained=m.pretrained, device=m.device, precision=m.precision,
+                cache_dir=m.cache_dir)
+
+
+def run_id_for(config: LabelConfig, label_set_hashes: list[str]) -> str:
+    """Deterministic run id: the same settings give the same id, so resumed rows are identical."""
+    payload = {k: getattr(config, k) for k in _ROW_FIELDS}
+    payload["model"] = dataclasses.asdict(config.model) | {"device": None, "precision": None, "cache_dir": None}
+    payload["label_sets"] = label_set_hashes
+    return config_fingerprint(payload)[:16]
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """A user error raised inside a Ray task/actor comes back wrapped; surface the original."""
+    seen = exc
+    for _ in range(5):
+        cause = getattr(seen, "cause", None) or seen.__cause__
+        if cause is None:
+            break
+        if isinstance(cause, BiftaUserError):
+            return cause
+        seen = cause
+    return exc
+
+
+def _check_out(config: LabelConfig, run_id: str) -> None:
+    previous = read_json(config.out, RUN_FILE)
+    if previous and previous.get("run_id") != run_id:
+        raise ConfigError(
+            f"{config.out} already holds results of different settings (run {previous.get('run_id')}, "
+            f"method {previous.get('config', {}).get('method')}); resume needs the same settings — use a new --out"
+        )
+
+
+def run_label_job(config: LabelConfig, *, on_progress: Callable[[dict], None] | None = None) -> dict[str, Any]:
+    """Label every input of ``config``; returns the summary also written to ``OUT/_bifta_summary.json``."""
+    config.validate()
+    started = time.time()
+    inputs = list_inputs(config.input, config.limit)
+    from bifta_core import storage
+
+    storage.check_writable(config.out)
+    ensure_ray()
+    try:
+        return _run(config, inputs, started, on_progress)
+    except Exception as exc:  # user errors raised on workers surface as themselves
+        real = _unwrap(exc)
+        if real is not exc:
+            raise real from None
+        raise
+
+
+def _run(config, inputs: pa.Table, started: float, on_progress) -> dict[str, Any]:
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    cpus = max(1, int(resources.get("CPU", 1)))
+    mcfg = model_config(config)
+    label_sets = prepare_label_sets(config, mcfg, num_gpus=1 if gpus else 0)
+    run_id = run_id_for(config, [ls.content_hash for ls in label_sets])
+    _check_out(config, run_id)
+    write_json(config.out, RUN_FILE, {"run_id": run_id, "config": config.to_dict()})
+
+    done = completed_ids(config.out)
+    todo = inputs
+    if done:
+        mask = pa.array([i not in done for i in inputs.column("image_id").to_pylist()])
+        todo = inputs.filter(mask)
+        logger.info("resuming: %d of %d images already written, %d to go", inputs.num_rows - todo.num_rows,
+                    inputs.num_rows, todo.num_rows)
+    has_truth = "true_label" in inputs.column_names
+    schema = output_schema(has_truth)
+    writer = ResultWriter(config.out, schema, config.shard_size)
+    counts: Counter = Counter()
+    errors: Counter = Counter()
+    encode_started = time.time()
+    if todo.num_rows:
+        ds = _dataset(config, todo, label_sets, run_id, gpus, cpus, mcfg, schema)
+        last_report = 0.0
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            writer.add(batch)
+            first = batch.filter(pa.compute.equal(batch.column("label_set"), label_sets[0].name))
+            for status, err in zip(first.column("status").to_pylist(), first.column("error").to_pylist()):
+                counts[status] += 1
+                if err:
+                    errors[err.split(":")[0]] += 1
+            now = time.time()
+            if on_progress and (now - last_report > 2.0):
+                last_report = now
+                on_progress({"done": sum(counts.values()), "total": todo.num_rows, "errors": counts["error"],
+                             "elapsed_s": now - encode_started})
+        writer.close()
+    elapsed = time.time() - encode_started
+    processed = sum(counts.values())
+    summary = {
+        "run_id": run_id,
+        "out": config.out,
+        "inputs": inputs.num_rows,
+        "skipped_already_done": inputs.num_rows - todo.num_rows,
+        "processed": processed,
+        "ok": counts["ok"],
+        "errors": counts["error"],
+        "error_reasons": dict(errors.most_common(10)),
+        "label_sets": {ls.name: {"classes": ls.num_classes, "id": ls.content_hash[:16]} for ls in label_sets},
+        "method": config.method,
+        "model": config.model.model,
+        "pretrained": config.model.pretrained,
+        "random_weights": config.model.pretrained == "random",
+        "files_written": len(writer.files),
+        "rows_written": writer.rows_written,
+        "encode_seconds": round(elapsed, 3),
+        "total_seconds": round(time.time() - started, 3),
+        "images_per_second": round(processed / elapsed, 3) if processed and elapsed > 0 else 0.0,
+        "gpus": gpus,
+    }
+    write_json(config.out, SUMMARY_FILE, summary)
+    return summary
+
+
+def _dataset(config, todo: pa.Table, label_sets, run_id, gpus, cpus, mcfg, schema):
+    from ray.data import ActorPoolStrategy, DataContext
+
+    ctx = DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # deterministic file grouping and names
+    n = todo.num_rows
+    chunk = max(config.batch_size * 2, math.ceil(n / 5000))
+    ds = ray.data.from_arrow([todo.slice(i, chunk) for i in range(0, n, chunk)])
+
+    image_size = model_input_size(config.model.model)
+    preset = dataclasses.asdict(config.view_preset()) if config.uses_views else None
+    encoders = config.num_encoders or max(1, gpus) if gpus else (config.num_encoders or 1)
+    if gpus:
+        enc_resources = dict(num_gpus=1, num_cpus=1)
+        threads = None
+        view_workers = max(1, cpus - encoders)
+    else:
+        enc_resources = dict(num_cpus=1)
+        threads = max(1, (os.cpu_count() or 1) // encoders)
+        view_workers = max(1, cpus - encoders)
+
+    ds = ds.map_batches(read_batch, batch_size=config.batch_size, batch_format="numpy", num_cpus=0.25)
+    ds = ds.map_batches(
+        ViewStage,
+        fn_constructor_kwargs=dict(image_size=image_size, preset=preset, seed=config.seed, max_pixels=config.max_pixels),
+        batch_size=config.batch_size,
+        batch_format="numpy",
+        compute=ActorPoolStrategy(min_size=1, max_size=view_workers),
+        num_cpus=0.5,
+    )
+    refs = [ray.put(ls) for ls in label_sets]
+    bank_key = bank_specs(config)[0].key if bank_specs(config) else None
+    ds = ds.map_batches(
+        EncodeStage,
+        fn_constructor_kwargs=dict(
+            model_cfg=mcfg, label_set_refs=refs, method=config.method, bank_key=bank_key,
+            score_params=dict(image_scale=config.image_scale, text_scale=config.text_scale,
+                              aggregation=config.aggregation),
+            top_k=config.top_k, view_batch_size=config.view_batch_size, seed=config.seed,
+            pgs_keep=config.pgs_keep, pgs_whole_image=config.pgs_whole_image, explain=config.explain,
+            run_id=run_id, torch_threads=threads, schema=schema,
+        ),
+        batch_size=config.batch_size,
+        batch_format="numpy",
+        compute=ActorPoolStrategy(size=encoders),
+        **enc_resources,
+    )
+    return ds

@@ -1,0 +1,156 @@
+"""Stage 5 — score encoded images against every label set and build output rows.
+
+Runs inside the encode actor (the label-set matrices are handed to each actor once, through the
+object store), so embeddings never leave the device they were computed on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from bifta_core.predict import ScoreParams, explain, method_scores, pooled_image_features, top_k
+from bifta_core.text_banks import LabelSetEmbeddings, TextBank
+
+
+@dataclass(frozen=True)
+class RowContext:
+    """Columns that are the same for every row of a run."""
+
+    method: str
+    model: str
+    pretrained: str
+    run_id: str
+    random_weights: bool
+
+
+class Scorer:
+    """Holds each label set's class and description matrices on the scoring device."""
+
+    def __init__(
+        self,
+        label_sets: list[LabelSetEmbeddings],
+        *,
+        method: str,
+        bank_key: str | None,
+        params: ScoreParams,
+        k: int,
+        with_explanations: bool,
+        device: torch.device,
+    ) -> None:
+        self.method = method
+        self.params = params
+        self.k = k
+        self.with_explanations = with_explanations
+        self.label_sets = label_sets
+        self.class_emb = [ls.class_emb.to(device) for ls in label_sets]
+        self.banks: list[TextBank | None] = []
+        for ls in label_sets:
+            bank = ls.banks.get(bank_key) if bank_key else None
+            if bank is not None:
+                bank = TextBank(
+                    key=bank.key,
+                    method=bank.method,
+                    texts=bank.texts,
+                    desc_class=bank.desc_class.to(device),
+                    desc_emb=bank.desc_emb.to(device),
+                    weights=bank.weights,
+                    pool_sizes=bank.pool_sizes,
+                )
+            self.banks.append(bank)
+
+    def predict(
+        self, image_emb: torch.Tensor, view_emb: torch.Tensor | None, view_mask: torch.Tensor | None
+    ) -> list[dict[str, list]]:
+        """Per label set, column lists ``label_index, label, score, topk_*, margin, explanation``."""
+        results = []
+        for ls, class_emb, bank in zip(self.label_sets, self.class_emb, self.banks):
+            scores = method_scores(self.method, class_emb, image_emb, bank, view_emb, view_mask, self.params)
+            top = top_k(scores, self.k)
+            cols: dict[str, list] = {
+                "label_index": top.indices[:, 0].tolist(),
+                "label": [ls.classes[i] for i in top.indices[:, 0].tolist()],
+                "score": top.scores[:, 0].tolist(),
+                "topk_labels": [[ls.classes[i] for i in row] for row in top.indices.tolist()],
+                "topk_scores": top.scores.tolist(),
+                "margin": top.margin.tolist(),
+            }
+            if self.with_explanations:
+                feats = pooled_image_features(image_emb, view_emb, view_mask, self.params.image_scale)
+                cpu_bank = None if bank is None else TextBank(
+                    bank.key, bank.method, bank.texts, bank.desc_class.cpu(), bank.desc_emb.cpu(), bank.weights
+                )
+                cols["explanation"] = explain(top.indices[:, 0], feats.cpu(), cpu_bank)
+            else:
+                cols["explanation"] = [[] for _ in range(scores.shape[0])]
+            results.append(cols)
+        return results
+
+
+def build_rows(
+    meta: dict[str, list],
+    ok_positions: list[int],
+    predictions: list[dict[str, list]],
+    label_sets: list[LabelSetEmbeddings],
+    ctx: RowContext,
+) -> dict[str, list[Any]]:
+    """One row per (input row, label set); error rows carry the reason and null predictions.
+
+    ``meta`` holds per-input columns (image_id, uri, status, error, views_*, optional true_label);
+    ``ok_positions[j]`` is the input row of the j-th scored image.
+    """
+    n = len(meta["image_id"])
+    pos_of = {p: j for j, p in enumerate(ok_positions)}
+    cols: dict[str, list[Any]] = {k: [] for k in ROW_COLUMNS}
+    has_truth = "true_label" in meta
+    if has_truth:
+        cols["true_label"] = []
+    for ls_i, ls in enumerate(label_sets):
+        pred = predictions[ls_i] if predictions else None
+        for i in range(n):
+            j = pos_of.get(i)
+            ok = j is not None
+            cols["image_id"].append(meta["image_id"][i])
+            cols["uri"].append(meta["uri"][i])
+            cols["status"].append("ok" if ok else "error")
+            cols["error"].append(None if ok else (meta["error"][i] or "unknown error"))
+            for key in ("label_index", "label", "score", "topk_labels", "topk_scores", "margin", "explanation"):
+                cols[key].append(pred[key][j] if ok else None)
+            cols["method"].append(ctx.method)
+            cols["views_generated"].append(int(meta["views_generated"][i]))
+            cols["views_kept"].append(int(meta["views_kept"][i]))
+            cols["model"].append(ctx.model)
+            cols["pretrained"].append(ctx.pretrained)
+            cols["random_weights"].append(ctx.random_weights)
+            cols["label_set"].append(ls.name)
+            cols["label_set_id"].append(ls.content_hash[:16])
+            cols["run_id"].append(ctx.run_id)
+            if has_truth:
+                cols["true_label"].append(meta["true_label"][i])
+    return cols
+
+
+ROW_COLUMNS = (
+    "image_id",
+    "uri",
+    "status",
+    "error",
+    "label",
+    "label_index",
+    "score",
+    "topk_labels",
+    "topk_scores",
+    "margin",
+    "method",
+    "views_generated",
+    "views_kept",
+    "explanation",
+    "model",
+    "pretrained",
+    "random_weights",
+    "label_set",
+    "label_set_id",
+    "run_id",
+)

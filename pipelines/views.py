@@ -1,0 +1,71 @@
+"""Stage 3 — decode + views (CPU actors).
+
+Per image: decode at working resolution, encode-ready whole image (open_clip eval preprocessing,
+uint8), and for WCA/BiFTA the view boxes — sampled (WCA localized visual prompting), refined by IoU
+(BiFTA view refinement), seeded from (global seed, image id) — mapped onto the working image.
+Crops are cut later by the encoder (``bifta_core.views.crop_resize_tensor``), on the GPU when there
+is one, so only the working-resolution image and a few boxes travel through the object store.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from bifta_core.images import boxes_to_working, whole_image_pixels, working_min_side
+from bifta_core.seeding import generator_for
+from bifta_core.views import ViewPreset, refine_boxes, sample_boxes
+from pipelines.decode import decode_or_error
+
+_EMPTY = b""
+
+
+class ViewStage:
+    """Callable class for ``Dataset.map_batches``; construction is cheap (no model)."""
+
+    def __init__(self, *, image_size: int, preset: dict | None, seed: int, max_pixels: int) -> None:
+        self.image_size = image_size
+        self.preset = ViewPreset(**{**preset, "scale": tuple(preset["scale"])}) if preset else None
+        self.seed = seed
+        self.max_pixels = max_pixels
+        self.min_side = working_min_side(image_size, self.preset.scale[0] if self.preset else None)
+
+    def _views(self, image_id: str, decoded) -> tuple[np.ndarray, int]:
+        p = self.preset
+        boxes = sample_boxes(decoded.width, decoded.height, p.num_views, p.scale, generator_for(self.seed, image_id))
+        kept = boxes[refine_boxes(boxes, p.iou_threshold, p.max_views)]
+        return boxes_to_working(kept, decoded).numpy().astype(np.int32), int(boxes.shape[0])
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        n = len(batch["image_id"])
+        status = list(batch["status"])
+        error = list(batch["error"])
+        whole, work, work_hw, boxes = [_EMPTY] * n, [_EMPTY] * n, [[0, 0]] * n, [_EMPTY] * n
+        generated, kept = [0] * n, [0] * n
+        for i in range(n):
+            if status[i] != "ok":
+                continue
+            decoded, reason = decode_or_error(batch["data"][i], max_pixels=self.max_pixels, min_side=self.min_side)
+            if decoded is None:
+                status[i], error[i] = "error", reason
+                continue
+            whole[i] = whole_image_pixels(decoded.pixels, self.image_size).numpy().tobytes()
+            if self.preset is not None:
+                b, generated[i] = self._views(str(batch["image_id"][i]), decoded)
+                kept[i] = int(b.shape[0])
+                boxes[i] = b.tobytes()
+                work[i] = decoded.pixels.tobytes()
+                work_hw[i] = list(decoded.pixels.shape[:2])
+        out = {k: v for k, v in batch.items() if k != "data"}
+        out.update(
+            status=np.array(status, dtype=object),
+            error=np.array(error, dtype=object),
+            whole=np.array(whole, dtype=object),
+            work=np.array(work, dtype=object),
+            work_hw=np.array(work_hw, dtype=np.int32).reshape(n, 2),
+            boxes=np.array(boxes, dtype=object),
+            views_generated=np.array(generated, dtype=np.int32),
+            views_kept=np.array(kept, dtype=np.int32),
+        )
+        return out
