@@ -174,6 +174,9 @@ def _dataset(config, todo: pa.Table, label_sets, run_id, gpus, cpus, mcfg, schem
 
     ctx = DataContext.get_current()
     ctx.execution_options.preserve_order = True  # deterministic file grouping and names
+    # Ray's memory-issue detector misreads the shared torch import of worker processes as per-task
+    # memory and prints multi-line warnings every 30 s; bifta bounds memory by batch sizes instead.
+    ctx.issue_detectors_config.detectors = []
     n = todo.num_rows
     chunk = max(config.batch_size * 2, math.ceil(n / 5000))
     ds = ray.data.from_arrow([todo.slice(i, chunk) for i in range(0, n, chunk)])
