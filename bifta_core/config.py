@@ -160,9 +160,12 @@ class LabelConfig:
         data = dict(data)
         known = {f.name for f in dataclasses.fields(cls)}
         model_keys = {f.name for f in dataclasses.fields(ModelConfig)}
-        model_data = dict(data.pop("model", {}) or {})
+        model_data = data.pop("model", {}) or {}
         if isinstance(model_data, str):
             model_data = {"model": model_data}
+        if not isinstance(model_data, dict):
+            raise ConfigError(f"config option 'model' must be an architecture name or a mapping, got {model_data!r}")
+        model_data = dict(model_data)
         for key in list(data):
             if key in model_keys and key not in known:
                 model_data[key] = data.pop(key)

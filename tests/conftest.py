@@ -1,0 +1,70 @@
+"""Shared fixtures: tiny CLIP checkpoints and the read-only reference data in ``../shared``.
+
+The tiny architectures (``bifta-tiny-vit``, ``bifta-tiny-rn``) are built with seeded random weights,
+saved as plain state dicts and loaded back through the same code path as a real checkpoint, so no
+test needs network access or pretrained weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+#: ``../shared`` relative to the repository root (read-only data every developer and CI run has).
+SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"
+
+
+def _build_checkpoint(tmp_path_factory: pytest.TempPathFactory, arch: str) -> Path:
+    from bifta_core.models import load_model, save_checkpoint
+
+    model = load_model(arch, "random", device="cpu")
+    path = tmp_path_factory.mktemp("checkpoints") / f"{arch}.pt"
+    save_checkpoint(model, str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Path to a saved ``bifta-tiny-vit`` checkpoint (seeded random weights)."""
+    return _build_checkpoint(tmp_path_factory, "bifta-tiny-vit")
+
+
+@pytest.fixture(scope="session")
+def tiny_rn_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Path to a saved ``bifta-tiny-rn`` checkpoint (seeded random weights)."""
+    return _build_checkpoint(tmp_path_factory, "bifta-tiny-rn")
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_model(tiny_vit_checkpoint: Path):
+    """``bifta-tiny-vit`` loaded from :func:`tiny_vit_checkpoint` on CPU (shared, do not mutate)."""
+    from bifta_core.models import load_model
+
+    return load_model("bifta-tiny-vit", str(tiny_vit_checkpoint), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """``../shared``; skips the test when this checkout has no such folder next to it."""
+    if not SHARED_DIR.is_dir():
+        pytest.skip(f"../shared not found: expected the shared reference data at {SHARED_DIR}")
+    return SHARED_DIR
+
+
+@pytest.fixture(scope="session")
+def descriptions_dir(shared_dir: Path) -> Path:
+    """``../shared/descriptions`` (one folder per dataset)."""
+    path = shared_dir / "descriptions"
+    if not path.is_dir():
+        pytest.skip(f"../shared/descriptions not found: expected the published label sets at {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def imagenet_sample(shared_dir: Path) -> Path:
+    """``../shared/datasets/imagenet-sample`` (``images/`` and ``labels.csv``)."""
+    path = shared_dir / "datasets" / "imagenet-sample"
+    if not (path / "images").is_dir():
+        pytest.skip(f"../shared/datasets/imagenet-sample not found: expected real photos at {path}")
+    return path
