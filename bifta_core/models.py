@@ -378,3 +378,12 @@ def model_input_size(model_name: str) -> int:
     cfg = open_clip.get_model_config(model_name.replace("/", "-")) or {}
     size = cfg.get("vision_cfg", {}).get("image_size", 224)
     return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
+def is_vit_architecture(model_name: str) -> bool:
+    """True when the architecture's image tower is open_clip's own VisionTransformer (CLIP-PGS needs it)."""
+    import open_clip
+
+    register_bundled_configs()
+    vision = (open_clip.get_model_config(model_name.replace("/", "-")) or {}).get("vision_cfg", {})
+    return isinstance(vision.get("layers"), int) and "timm_model_name" not in vision

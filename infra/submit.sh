@@ -14,10 +14,13 @@ environment:
   RAY_ADDRESS         Ray dashboard address (default http://127.0.0.1:8265, e.g. after
                       `ray dashboard infra/cluster-aws.yaml` or a kubectl port-forward)
   BIFTA_SUBMIT_FLAGS  extra `ray job submit` flags, e.g. "--no-wait --submission-id run-001"
+  RAY_AUTH_MODE       "token" when the cluster uses Ray token authentication; the token
+                      comes from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token
+                      (without RAY_AUTH_MODE=token the ray CLI sends no token: HTTP 401)
 
 example:
   RAY_ADDRESS=http://127.0.0.1:8265 infra/submit.sh s3://my-images/raw/ \
-      --labels s3://my-bifta/labelsets/products.yaml --out s3://my-bifta/labels/run-001/ \
+      --labels s3://my-bifta/labelsets/products/ --out s3://my-bifta/labels/run-001/ \
       --model ViT-B-32 --pretrained openai --batch-size 8
 USAGE
 }

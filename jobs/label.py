@@ -16,13 +16,28 @@ import sys
 from typing import Any
 
 from bifta_core.config import LabelConfig, parse_scale
-from bifta_core.errors import BiftaUserError
+from bifta_core.errors import BiftaUserError, ConfigError
 from bifta_core.labelsets import METHODS
 
 EXIT_USER_ERROR = 2
 
 # flag dest -> LabelConfig field (model fields live under config.model)
 _MODEL_FIELDS = {"model", "pretrained", "device", "precision", "model_cache_dir"}
+
+
+def _scale_arg(value: str) -> tuple[float, float]:
+    """argparse type for ``--scale``: a malformed value is a usage error, not a traceback."""
+    try:
+        return parse_scale(value)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+class _Parser(argparse.ArgumentParser):
+    """A bad flag prints one ``error:`` line (not the whole usage block) and exits 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(EXIT_USER_ERROR, f"error: {message} (see --help)\n")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,7 +54,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     v.add_argument("--num-views", type=int, default=s, help="crops sampled per image (wca 60, bifta 100)")
     v.add_argument("--max-views", type=int, default=s, help="crops kept after IoU refinement (bifta 100)")
     v.add_argument("--iou-threshold", type=float, default=s, help="drop a crop whose IoU with a kept one exceeds this (bifta 0.85)")
-    v.add_argument("--scale", type=parse_scale, default=s, help="crop side range A,B as fractions of the short side (wca 0.1,0.9; bifta 0.5,0.9)")
+    v.add_argument("--scale", type=_scale_arg, default=s, help="crop side range A,B as fractions of the short side (wca 0.1,0.9; bifta 0.5,0.9)")
     v.add_argument("--seed", type=int, default=s, help="global seed; views are seeded from (seed, image id)")
     d = parser.add_argument_group("descriptions and scoring")
     d.add_argument("--refine-descriptions", dest="refine_descriptions", action="store_true", default=s,
@@ -141,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bifta label", description=__doc__.split("\n\n")[0],
+    parser = _Parser(prog="bifta label", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_arguments(parser)
     args = parser.parse_args(argv)

@@ -54,15 +54,29 @@ def _encode_label_sets(label_sets: list[LabelSet], model_cfg: dict, specs: list[
     return [build_label_set_embeddings(ls, model, specs, text_scale=text_scale) for ls in label_sets]
 
 
-def prepare_label_sets(config: LabelConfig, model_cfg: dict, *, num_gpus: float = 0) -> list[LabelSetEmbeddings]:
-    """Load every ``--labels`` and ``--labelset-artifact``; encode only what the cache lacks."""
+def load_label_sets(config: LabelConfig) -> list[LabelSet]:
+    """Load and validate every ``--labels`` (no Ray, no model): a bad label set fails before start-up."""
+    loaded = [load_label_set(path, name, merge_duplicates=config.merge_duplicate_classes)
+              for name, path in config.label_specs()]
+    for ls in loaded:
+        ls.texts_for(config.method)  # raises LabelSetError naming the file this method needs
+    return loaded
+
+
+def prepare_label_sets(config: LabelConfig, model_cfg: dict, *, num_gpus: float = 0,
+                       loaded: list[LabelSet] | None = None) -> list[LabelSetEmbeddings]:
+    """Load every ``--labels`` and ``--labelset-artifact``; encode only what the cache lacks.
+
+    ``loaded`` is :func:`load_label_sets`'s result when the caller has already validated them.
+    """
     specs = bank_specs(config)
     identity = model_identity(config.model.model, config.model.pretrained, config.model.cache_dir)
     ready: dict[int, LabelSetEmbeddings] = {}
     missing: list[tuple[int, LabelSet, str, str | None]] = []
     entries = config.label_specs()
-    for i, (name, path) in enumerate(entries):
-        ls = load_label_set(path, name, merge_duplicates=config.merge_duplicate_classes)
+    if loaded is None:
+        loaded = load_label_sets(config)
+    for i, ls in enumerate(loaded):
         digest = content_hash(ls, identity, specs, config.text_scale)
         cache = _cache_path(config, digest)
         if cache and os.path.exists(cache):

@@ -20,7 +20,7 @@ import ray
 
 from bifta_core.config import LabelConfig
 from bifta_core.errors import BiftaUserError, ConfigError
-from bifta_core.models import config_fingerprint, model_input_size
+from bifta_core.models import config_fingerprint, is_vit_architecture, model_input_size
 from pipelines.encode import EncodeStage
 from pipelines.inputs import list_inputs
 from pipelines.label_set import bank_specs, load_label_sets, prepare_label_sets
@@ -43,7 +43,11 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS") or None
-    kwargs: dict[str, Any] = dict(address=address, ignore_reinit_error=True, logging_level=logging.WARNING)
+    # "local": a new embedded Ray even when a `ray start` cluster runs on this machine (ray.init()
+    # would silently join it, and its workers lack this driver's environment, e.g. AWS_*). The
+    # embedded Ray's workers inherit this process's environment. RAY_ADDRESS=auto joins on purpose.
+    kwargs: dict[str, Any] = dict(address=address or "local", ignore_reinit_error=True,
+                                  logging_level=logging.WARNING)
     if address is None:
         kwargs.update(num_cpus=num_cpus, include_dashboard=False)
     ray.init(**kwargs)
@@ -92,6 +96,8 @@ def run_label_job(config: LabelConfig, *, on_progress: Callable[[dict], None] | 
     inputs = list_inputs(config.input, config.limit)
     from bifta_core import storage
 
+    if config.pgs_keep is not None and not is_vit_architecture(config.model.model):
+        raise ConfigError(f"--pgs-keep needs a ViT image tower; {config.model.model} is not supported by CLIP-PGS")
     storage.check_writable(config.out)
     loaded = load_label_sets(config)  # a bad label set is a one-line error before Ray starts
     ensure_ray()
@@ -193,7 +199,7 @@ def _dataset(config, todo: pa.Table, label_sets, run_id, gpus, cpus, mcfg, schem
 
     image_size = model_input_size(config.model.model)
     preset = dataclasses.asdict(config.view_preset()) if config.uses_views else None
-    encoders = config.num_encoders or max(1, gpus) if gpus else (config.num_encoders or 1)
+    encoders = config.num_encoders or (gpus if gpus else 1)
     if gpus:
         enc_resources = dict(num_gpus=1, num_cpus=1)
         threads = None

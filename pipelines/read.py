@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from bifta_core import storage
+from bifta_core.errors import StorageError
 
 READ_THREADS = 16
 
@@ -24,13 +25,20 @@ def _read_one(uri: str) -> tuple[bytes, str | None]:
 
 
 def _reason(exc: BaseException) -> str:
-    if isinstance(exc, FileNotFoundError):
-        return "file not found"
-    if isinstance(exc, IsADirectoryError):
-        return "is a directory"
-    if isinstance(exc, PermissionError):
-        return "permission denied"
+    # storage.read_bytes raises StorageError chained to the OS/S3 error; look through the chain.
+    for item in (exc, exc.__cause__):
+        if isinstance(item, FileNotFoundError):
+            return "file not found"
+        if isinstance(item, IsADirectoryError):
+            return "is a directory"
+        if isinstance(item, PermissionError):
+            return "permission denied"
     text = str(exc).strip().splitlines()
+    if isinstance(exc, StorageError) and text:
+        if text[0].endswith(("no such file or directory", "no such key", "no such object")):
+            return "file not found"
+        if "access denied" in text[0]:
+            return "permission denied"
     return f"read failed: {text[0][:200] if text else type(exc).__name__}"
 
 

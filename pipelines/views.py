@@ -22,20 +22,35 @@ _EMPTY = b""
 
 
 class ViewStage:
-    """Callable class for ``Dataset.map_batches``; construction is cheap (no model)."""
+    """Callable class for ``Dataset.map_batches``; construction is cheap (no model).
 
-    def __init__(self, *, image_size: int, preset: dict | None, seed: int, max_pixels: int) -> None:
+    By default ``boxes`` holds the views kept by refinement. With ``all_views=True`` (evaluation,
+    which scores refined and unrefined views from one encoding pass) ``boxes`` holds every sampled
+    view and an extra ``view_kept`` column holds one byte per box: 1 where refinement keeps it.
+    """
+
+    def __init__(self, *, image_size: int, preset: dict | None, seed: int, max_pixels: int,
+                 all_views: bool = False) -> None:
         self.image_size = image_size
         self.preset = ViewPreset(**{**preset, "scale": tuple(preset["scale"])}) if preset else None
         self.seed = seed
         self.max_pixels = max_pixels
+        self.all_views = all_views
         self.min_side = working_min_side(image_size, self.preset.scale[0] if self.preset else None)
 
-    def _views(self, image_id: str, decoded) -> tuple[np.ndarray, int]:
+    def _views(self, image_id: str, decoded) -> tuple[np.ndarray, int, np.ndarray]:
+        """→ (boxes on the working image, number sampled, kept mask aligned with the boxes)."""
         p = self.preset
         boxes = sample_boxes(decoded.width, decoded.height, p.num_views, p.scale, generator_for(self.seed, image_id))
-        kept = boxes[refine_boxes(boxes, p.iou_threshold, p.max_views)]
-        return boxes_to_working(kept, decoded).numpy().astype(np.int32), int(boxes.shape[0])
+        kept_idx = refine_boxes(boxes, p.iou_threshold, p.max_views)
+        if self.all_views:
+            mask = np.zeros(int(boxes.shape[0]), dtype=np.uint8)
+            mask[kept_idx.numpy()] = 1
+            chosen = boxes
+        else:
+            chosen = boxes[kept_idx]
+            mask = np.ones(int(kept_idx.shape[0]), dtype=np.uint8)
+        return boxes_to_working(chosen, decoded).numpy().astype(np.int32), int(boxes.shape[0]), mask
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         n = len(batch["image_id"])
@@ -43,6 +58,7 @@ class ViewStage:
         error = list(batch["error"])
         whole, work, work_hw, boxes = [_EMPTY] * n, [_EMPTY] * n, [[0, 0]] * n, [_EMPTY] * n
         generated, kept = [0] * n, [0] * n
+        kept_masks = [_EMPTY] * n
         for i in range(n):
             if status[i] != "ok":
                 continue
@@ -52,8 +68,9 @@ class ViewStage:
                 continue
             whole[i] = whole_image_pixels(decoded.pixels, self.image_size).numpy().tobytes()
             if self.preset is not None:
-                b, generated[i] = self._views(str(batch["image_id"][i]), decoded)
-                kept[i] = int(b.shape[0])
+                b, generated[i], mask = self._views(str(batch["image_id"][i]), decoded)
+                kept[i] = int(mask.sum())
+                kept_masks[i] = mask.tobytes()
                 boxes[i] = b.tobytes()
                 work[i] = decoded.pixels.tobytes()
                 work_hw[i] = list(decoded.pixels.shape[:2])
@@ -68,4 +85,6 @@ class ViewStage:
             views_generated=np.array(generated, dtype=np.int32),
             views_kept=np.array(kept, dtype=np.int32),
         )
+        if self.all_views:
+            out["view_kept"] = np.array(kept_masks, dtype=object)
         return out

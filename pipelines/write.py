@@ -117,15 +117,22 @@ class ResultWriter:
         self.rows_written = 0
 
     def add(self, columns: dict[str, list] | pa.Table) -> None:
-        """Add the rows of one encoded batch (all label sets of its images together)."""
+        """Add the rows of one encoded batch; files close at ``shard_size`` images, never mid-image."""
         table = columns if isinstance(columns, pa.Table) else pa.table(columns)
         table = table.select(self.schema.names).cast(self.schema)
-        if table.num_rows == 0:
-            return
-        self._pending.append(table)
-        self._pending_images += len(set(table.column("image_id").to_pylist()))
-        if self._pending_images >= self.shard_size:
-            self.flush()
+        ids = list(dict.fromkeys(table.column("image_id").to_pylist()))
+        whole_batch = len(ids)
+        while ids:
+            room = self.shard_size - self._pending_images
+            take, ids = ids[:room], ids[room:]
+            if len(take) == whole_batch:
+                part = table
+            else:
+                part = table.filter(pa.compute.is_in(table.column("image_id"), value_set=pa.array(take, pa.string())))
+            self._pending.append(part)
+            self._pending_images += len(take)
+            if self._pending_images >= self.shard_size:
+                self.flush()
 
     def flush(self) -> None:
         if not self._pending:

@@ -1,0 +1,229 @@
+"""``bifta label`` end to end against S3 (a moto server in its own process).
+
+Every run here is the real CLI in a subprocess (``python -m jobs.label``), which starts its own
+embedded Ray: the Ray workers that read images, load the checkpoint and write nothing but rows are
+separate processes and must reach the same S3 through the ordinary AWS environment. Inputs,
+label set, checkpoint and output all live on S3.
+
+The credentials handed to the CLI are distinctive values, so a test can assert they never show
+up in anything the job prints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from tests.s3_server import S3Server, aws_env, moto_server, s3_server  # noqa: F401  (fixture)
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN_TIMEOUT_S = 240
+N_IMAGES = 6
+
+LABELSET = {
+    "classes.json": ["cat", "dog", "car"],
+    "cupl.json": {
+        "cat": ["a small furry pet with whiskers.", "a cat curled up asleep."],
+        "dog": ["a loyal pet that barks.", "a dog with floppy ears."],
+        "car": ["a vehicle with four wheels.", "a car parked on a street."],
+    },
+}
+
+
+def _fake_credentials() -> dict[str, str]:
+    """Distinctive credentials (moto accepts any) whose leaking would be easy to spot."""
+    return {
+        "AWS_ACCESS_KEY_ID": "AKIABIFTA" + secrets.token_hex(6).upper(),
+        "AWS_SECRET_ACCESS_KEY": "bifta-secret-" + secrets.token_hex(16),
+    }
+
+
+def _run_cli(args: list[str], env: dict[str, str], timeout: float = RUN_TIMEOUT_S) -> subprocess.CompletedProcess:
+    run_env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
+    run_env.update(env)
+    return subprocess.run([sys.executable, "-m", "jobs.label", *args], cwd=ROOT, env=run_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _assert_no_secrets(result: subprocess.CompletedProcess, creds: dict[str, str]) -> None:
+    printed = result.stdout + result.stderr
+    assert creds["AWS_SECRET_ACCESS_KEY"] not in printed
+    assert creds["AWS_ACCESS_KEY_ID"] not in printed
+
+
+def _read_output(uri: str):
+    from bifta_core import storage
+    from pipelines.write import part_files
+
+    files = part_files(uri)
+    assert files, f"no part files under {uri}"
+    tables = []
+    for path in files:
+        fs, p = storage.get_arrow_fs(path)
+        tables.append(pq.read_table(p, filesystem=fs))
+    import pyarrow as pa
+
+    return pa.concat_tables(tables), files
+
+
+def _summary(uri: str) -> dict:
+    from bifta_core import storage
+
+    return json.loads(storage.read_bytes(uri.rstrip("/") + "/_bifta_summary.json"))
+
+
+@pytest.fixture
+def s3_data(s3_server: S3Server, imagenet_sample: Path, tiny_vit_checkpoint: Path) -> dict[str, object]:
+    """Images, a label-set folder and a checkpoint on S3; an empty output bucket."""
+    s3_server.create_bucket("bifta-in")
+    s3_server.create_bucket("bifta-out")
+    images = sorted((imagenet_sample / "images").iterdir())[:N_IMAGES]
+    uris = []
+    for path in images:
+        uri = f"s3://bifta-in/images/{path.name}"
+        s3_server.put(uri, path.read_bytes())
+        uris.append(uri)
+    s3_server.put("s3://bifta-in/images/README.txt", b"not an image")  # filtered out by extension
+    for name, payload in LABELSET.items():
+        s3_server.put(f"s3://bifta-in/labelsets/pets/{name}", json.dumps(payload).encode())
+    s3_server.put("s3://bifta-in/models/tiny.pt", tiny_vit_checkpoint.read_bytes())
+    return {"uris": uris, "names": [p.name for p in images]}
+
+
+def _common(tmp_path: Path) -> list[str]:
+    return ["--model", "bifta-tiny-vit", "--num-views", "4", "--labelset-cache", str(tmp_path / "labelsets"),
+            "--quiet"]
+
+
+@pytest.mark.slow
+def test_s3_prefix_to_s3_output_resumes(s3_server: S3Server, s3_data: dict, tmp_path: Path) -> None:
+    creds = _fake_credentials()
+    cache = tmp_path / "bifta-cache"
+    env = {**s3_server.env, **creds, "BIFTA_CACHE_DIR": str(cache)}
+    out = "s3://bifta-out/runs/prefix"
+    args = ["s3://bifta-in/images/", "--labels", "s3://bifta-in/labelsets/pets", "--out", out,
+            "--pretrained", "s3://bifta-in/models/tiny.pt", *_common(tmp_path)]
+
+    first = _run_cli([*args, "--limit", "4"], env)
+    _assert_no_secrets(first, creds)
+    assert first.returncode == 0, first.stderr[-4000:]
+    table, files = _read_output(out)
+    assert table.num_rows == 4
+    assert set(table.column("status").to_pylist()) == {"ok"}
+    assert set(table.column("label_set").to_pylist()) == {"pets"}
+    assert set(table.column("label").to_pylist()) <= {"cat", "dog", "car"}
+    assert set(table.column("pretrained").to_pylist()) == {"s3://bifta-in/models/tiny.pt"}
+
+    # The checkpoint was downloaded once for the node (driver, label-set task and encode actor
+    # share it): exactly one file in the download cache.
+    downloads = [p for p in (cache / "downloads").iterdir() if not p.name.endswith(".lock")]
+    assert len(downloads) == 1 and downloads[0].name.endswith("-tiny.pt"), downloads
+    # Remove the object: the resumed run can only succeed from the cached copy.
+    s3_server.client().delete_object(Bucket="bifta-in", Key="models/tiny.pt")
+
+    second = _run_cli(args, env)
+    _assert_no_secrets(second, creds)
+    assert second.returncode == 0, second.stderr[-4000:]
+    table, files = _read_output(out)
+    assert len(files) >= 2  # the first run's file(s) plus the resumed run's
+    ids = table.column("image_id").to_pylist()
+    assert sorted(ids) == sorted(s3_data["names"])  # exactly one row per input, no duplicates
+    assert set(table.column("status").to_pylist()) == {"ok"}
+    assert set(table.column("uri").to_pylist()) == set(s3_data["uris"])
+    summary = _summary(out)
+    assert summary["inputs"] == N_IMAGES and summary["skipped_already_done"] == 4
+    assert summary["processed"] == N_IMAGES - 4
+    assert len({p.name for p in (cache / "downloads").iterdir() if not p.name.endswith(".lock")}) == 1
+    # No write probes or temporary objects are left behind in the output prefix.
+    keys = [o["Key"] for o in s3_server.client().list_objects_v2(Bucket="bifta-out")["Contents"]]
+    assert all(k.rsplit("/", 1)[-1].startswith(("part-", "_bifta_")) for k in keys), keys
+
+
+@pytest.mark.slow
+def test_s3_manifest_missing_key_becomes_error_row(s3_server: S3Server, s3_data: dict, tmp_path: Path) -> None:
+    creds = _fake_credentials()
+    env = {**s3_server.env, **creds, "BIFTA_CACHE_DIR": str(tmp_path / "bifta-cache")}
+    missing = "s3://bifta-in/images/does-not-exist.jpg"
+    rows = [s3_data["uris"][0], missing, s3_data["uris"][1]]
+    s3_server.put("s3://bifta-in/manifests/run.csv", ("uri\n" + "\n".join(rows) + "\n").encode())
+    out = "s3://bifta-out/runs/manifest"
+
+    result = _run_cli(["s3://bifta-in/manifests/run.csv", "--labels", "s3://bifta-in/labelsets/pets",
+                       "--out", out, "--pretrained", "random", *_common(tmp_path)], env)
+    _assert_no_secrets(result, creds)
+    assert result.returncode == 0, result.stderr[-4000:]
+    table, _ = _read_output(out)
+    by_uri = {r["uri"]: r for r in table.to_pylist()}
+    assert set(by_uri) == set(rows)
+    assert by_uri[missing]["status"] == "error"
+    assert any(reason in by_uri[missing]["error"] for reason in ("not found", "no such key"))
+    assert by_uri[missing]["label"] is None
+    assert [by_uri[u]["status"] for u in rows if u != missing] == ["ok", "ok"]
+    summary = _summary(out)
+    assert summary["ok"] == 2 and summary["errors"] == 1
+    assert "errors" in result.stdout  # the summary printed the error count
+
+
+def _assert_fails_fast(result: subprocess.CompletedProcess, elapsed: float, creds: dict[str, str], why: str) -> None:
+    _assert_no_secrets(result, creds)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr[-2000:]
+    assert "not writable" in errors[0] and why in errors[0], errors[0]
+    assert "Traceback" not in result.stderr
+    # Failed before any work: no Ray was started, nothing was labelled.
+    assert "Ray" not in result.stderr and "bifta label — summary" not in result.stdout
+    assert elapsed < 60
+
+
+@pytest.mark.slow
+def test_nonexistent_output_bucket_fails_fast(s3_server: S3Server, imagenet_sample: Path, tmp_path: Path) -> None:
+    creds = _fake_credentials()
+    env = {**s3_server.env, **creds}
+    start = time.monotonic()
+    result = _run_cli([str(imagenet_sample / "images"), "--labels", "cat,dog", "--out",
+                       "s3://no-such-bucket-bifta/out", "--pretrained", "random", "--limit", "2",
+                       *_common(tmp_path)], env, timeout=120)
+    _assert_fails_fast(result, time.monotonic() - start, creds, "no such bucket")
+    assert "s3://no-such-bucket-bifta/out" in result.stderr
+
+
+@pytest.mark.slow
+def test_forbidden_output_bucket_fails_fast(imagenet_sample: Path, tmp_path: Path) -> None:
+    """A real 403: a private moto server enforcing IAM; the user may write one bucket only."""
+    import boto3
+
+    policy = {
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Action": "s3:*",
+                       "Resource": ["arn:aws:s3:::mine", "arn:aws:s3:::mine/*"]}],
+    }
+    with moto_server() as server, aws_env(server.endpoint) as admin_env:
+        admin = S3Server(server.endpoint, env=dict(admin_env))
+        admin.create_bucket("mine")
+        admin.create_bucket("theirs")
+        iam = boto3.client("iam", endpoint_url=server.endpoint, region_name="us-east-1")
+        iam.create_user(UserName="labeller")
+        iam.put_user_policy(UserName="labeller", PolicyName="own-bucket", PolicyDocument=json.dumps(policy))
+        key = iam.create_access_key(UserName="labeller")["AccessKey"]
+        urllib.request.urlopen(urllib.request.Request(
+            server.endpoint + "/moto-api/reset-auth", data=b"0", method="POST",
+            headers={"Content-Type": "application/octet-stream"}), timeout=10).close()
+        creds = {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
+
+        start = time.monotonic()
+        result = _run_cli([str(imagenet_sample / "images"), "--labels", "cat,dog", "--out", "s3://theirs/out",
+                           "--pretrained", "random", "--limit", "2", *_common(tmp_path)],
+                          {**admin_env, **creds}, timeout=120)
+        _assert_fails_fast(result, time.monotonic() - start, creds, "access denied")
+        assert "s3://theirs/out" in result.stderr
