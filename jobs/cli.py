@@ -26,7 +26,10 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bifta", description="Zero-shot image labelling with CLIP, WCA and BiFTA.")
+    from jobs.label import OneLineErrorParser
+
+    # Sub-parsers inherit the class, so every `bifta <command>` flag error is one line, exit 2.
+    parser = OneLineErrorParser(prog="bifta", description="Zero-shot image labelling with CLIP, WCA and BiFTA.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         try:

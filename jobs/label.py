@@ -33,7 +33,7 @@ def _scale_arg(value: str) -> tuple[float, float]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineErrorParser(argparse.ArgumentParser):
     """A bad flag prints one ``error:`` line (not the whole usage block) and exits 2."""
 
     def error(self, message: str):  # type: ignore[override]
@@ -156,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _Parser(prog="bifta label", description=__doc__.split("\n\n")[0],
+    parser = OneLineErrorParser(prog="bifta label", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_arguments(parser)
     args = parser.parse_args(argv)
