@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except BiftaUserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        # One line whatever the message holds, so scripts can grep it.
+        print("error: " + " ".join(str(exc).split()), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

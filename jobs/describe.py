@@ -15,7 +15,6 @@ of cleaning limits makes no repeated requests. The API key is read from ``OPENAI
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -26,38 +25,27 @@ from bifta_core.describe import (
     load_classes,
     load_questions,
 )
-from bifta_core.errors import BiftaUserError
 from bifta_core.llm import BASE_URL_ENV, MODEL_ENV, ChatClient, default_cache_dir
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def _number(cast: type, minimum: float, inclusive: bool, what: str):
+    """argparse ``type=`` for a number with a lower bound (a bad value is a one-line usage error)."""
+
+    def parse(text: str):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if value != value or value == float("inf") or value < minimum or (value == minimum and not inclusive):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
+_positive_int = _number(int, 1, True, "a positive integer")
+_non_negative_int = _number(int, 0, True, "an integer >= 0")
+_positive_float = _number(float, 0.0, False, "a positive number")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -205,24 +193,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; user errors print one ``error:`` line and return 2."""
-    parser = argparse.ArgumentParser(
-        prog="python -m jobs.describe",
-        description="Generate CuPL sentences and CLIP-D descriptors for a label set with an LLM.",
-    )
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        return run(args)
-    except BiftaUserError as exc:
-        # One line whatever the message holds, so scripts can grep it.
-        print("error: " + " ".join(str(exc).split()), file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; answers so far are cached, rerun to resume", file=sys.stderr)
-        return 130
+    """``python -m jobs.describe``: the same as ``bifta describe``."""
+    from jobs.cli import main as cli_main
+
+    return cli_main(["describe", *(argv if argv is not None else sys.argv[1:])])
 
 
 if __name__ == "__main__":
