@@ -63,7 +63,7 @@ class LabelConfig:
     seed: int = 0
     limit: int | None = None
     top_k: int = 5
-    max_pixels: int = 120_000_000  # decompression-bomb guard
+    max_pixels: int = 120_000_000  # decompression-bomb guard (Pillow refuses > ~179 MP regardless)
     merge_duplicate_classes: bool = False
     labelset_cache: str | None = None  # default ~/.cache/bifta/labelsets; "" disables
     labelset_artifacts: list[str] = field(default_factory=list)

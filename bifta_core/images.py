@@ -55,14 +55,12 @@ def decode_image(data: bytes, *, max_pixels: int, min_side: int | None = None) -
     """Decode bytes → RGB at working resolution (shorter side ``min_side`` unless already smaller).
 
     Applies the EXIF orientation, converts any mode (palette, CMYK, L, RGBA…) to RGB, refuses images
-    above ``max_pixels`` before decompressing them (decompression-bomb guard), and raises
+    above ``max_pixels`` before decompressing them (decompression-bomb guard; Pillow's own hard limit,
+    about 179 MP, stays in force above that as a process-wide safety net), and raises
     :class:`ImageDecodeError` with a short reason for empty, truncated or non-image data.
     """
     if not data:
         raise ImageDecodeError("empty file")
-    # Our own header check below enforces max_pixels; lift Pillow's fixed cap (2x ~89 MP) to match it.
-    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
-        Image.MAX_IMAGE_PIXELS = max_pixels
     try:
         with warnings.catch_warnings():
             # max_pixels is enforced just below, from the header, before anything is decompressed;
