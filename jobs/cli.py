@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: " + " ".join(str(exc).split()), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted: rerunning the same command resumes where it stopped", file=sys.stderr)
         return 130
 
 

@@ -16,7 +16,7 @@ import sys
 from typing import Any
 
 from bifta_core.config import LabelConfig, parse_scale
-from bifta_core.errors import BiftaUserError, ConfigError
+from bifta_core.errors import ConfigError
 from bifta_core.labelsets import METHODS
 
 EXIT_USER_ERROR = 2
@@ -119,7 +119,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         "bifta label — summary",
         f"  output        {summary['out']}",
         f"  method        {summary['method']}  model {summary['model']} ({summary['pretrained']})",
-        f"  label sets    " + ", ".join(f"{k} ({v['classes']} classes)" for k, v in summary["label_sets"].items()),
+        "  label sets    " + ", ".join(f"{k} ({v['classes']} classes)" for k, v in summary["label_sets"].items()),
         f"  inputs        {summary['inputs']}  (already done {summary['skipped_already_done']})",
         f"  labelled      {summary['ok']} ok, {summary['errors']} errors",
         f"  throughput    {summary['images_per_second']} images/s over {summary['encode_seconds']} s",
@@ -156,19 +156,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = OneLineErrorParser(prog="bifta label", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    configure_logging(args.quiet)
-    try:
-        return run(args)
-    except BiftaUserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("interrupted: rerun the same command to resume", file=sys.stderr)
-        return 130
+    """``python -m jobs.label``: the same as ``bifta label``."""
+    from jobs.cli import main as cli_main
+
+    return cli_main(["label", *(argv if argv is not None else sys.argv[1:])])
 
 
 if __name__ == "__main__":

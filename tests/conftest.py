@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+# The moto S3 server fixture `s3_server` (a real S3-compatible server on 127.0.0.1).
+pytest_plugins = ["tests.s3_server"]
+
 #: ``../shared`` relative to the repository root (read-only data every developer and CI run has).
 SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"
 

@@ -4,9 +4,9 @@ In-process mocks cannot reach Ray workers, which are separate processes, so test
 ``python -m moto.server`` listening on 127.0.0.1 through the ordinary AWS environment
 variables, exactly as production code talks to S3.
 
-Usage: register the fixture in ``tests/conftest.py``::
+Usage: ``tests/conftest.py`` registers this module as a plugin::
 
-    from tests.s3_server import s3_server  # noqa: F401  (pytest fixture)
+    pytest_plugins = ["tests.s3_server"]
 
 then ``def test_x(s3_server): s3_server.create_bucket("b")``. For Ray, start the cluster
 *after* the fixture (workers inherit the driver's environment) or pass

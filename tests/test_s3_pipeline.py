@@ -23,7 +23,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from tests.s3_server import S3Server, aws_env, moto_server, s3_server  # noqa: F401  (fixture)
+from tests.s3_server import S3Server, aws_env, moto_server
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_TIMEOUT_S = 240

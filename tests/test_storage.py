@@ -17,7 +17,7 @@ import pytest
 
 from bifta_core import storage
 from bifta_core.errors import StorageError
-from tests.s3_server import S3Server, aws_env, free_port, moto_server, s3_server  # noqa: F401
+from tests.s3_server import S3Server, aws_env, free_port, moto_server
 
 # A distinctive fake secret: if it ever shows up in an error message, the test fails.
 SECRET = "bifta-test-secret-DO-NOT-PRINT-0123456789"

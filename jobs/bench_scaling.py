@@ -1,0 +1,328 @@
+"""Scaling benchmark: the labelling pipeline on N and factor×N images (``python -m jobs.bench scaling``).
+
+Runs :func:`pipelines.pipeline.run_label_job` three times on generated JPEGs with one label set and
+one label-set cache: a warm-up on N images (starts Ray, fills the cache), then N and factor×N
+images. Targets (exit 1 when one is missed):
+
+* throughput: steady-state images/s (after the first batch, so actor start-up is excluded) on
+  factor×N ≥ ``--min-throughput-ratio`` (0.9) × the same on N;
+* driver memory: peak RSS of the driver process (sampled from ``/proc/self/status`` ``VmRSS`` by a
+  thread) grows by at most ``--max-rss-growth`` (20 %) or ``--max-rss-growth-mb`` (150 MB);
+* the label-set stage costs the same for N and factor×N images (≤ 1.5× + 0.5 s);
+* the runs after the warm-up encode no text (label-set cache hit).
+
+The last printed line is one JSON object with every figure and target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+
+from bifta_core.errors import ConfigError
+
+logger = logging.getLogger("bifta.bench")
+
+
+# ----------------------------------------------------------------------------- measurement
+
+
+def current_rss_bytes() -> int:
+    """Resident set size of this process from ``/proc/self/status`` (0 where there is no /proc)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class RssSampler:
+    """Samples this process's RSS on a background thread; ``peak`` is the largest sample."""
+
+    def __init__(self, interval_s: float = 0.02) -> None:
+        self.interval_s = interval_s
+        self.peak = 0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="rss-sampler", daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, current_rss_bytes())
+            self.samples += 1
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> "RssSampler":
+        self.peak = current_rss_bytes()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, current_rss_bytes())
+
+
+class _LabelSetLog(logging.Handler):
+    """Counts the label-set stage's cache hits and text encodes from its log lines."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.encoded = 0
+        self.cached = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage()
+        if "encoding descriptions" in msg:
+            self.encoded += 1
+        elif "no text encoded" in msg:
+            self.cached += 1
+
+
+@contextlib.contextmanager
+def _timed_label_set_stage(durations: list[float]) -> Iterator[None]:
+    """Time every call of the pipeline's label-set stage (``prepare_label_sets``) into ``durations``."""
+    import pipelines.pipeline as pipeline
+
+    original = pipeline.prepare_label_sets
+
+    def timed(*args: Any, **kwargs: Any):
+        start = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            durations.append(time.perf_counter() - start)
+
+    pipeline.prepare_label_sets = timed
+    try:
+        yield
+    finally:
+        pipeline.prepare_label_sets = original
+
+
+# ------------------------------------------------------------------------------- test data
+
+
+def generate_images(folder: str, n: int, seed: int = 0, side: int = 256) -> list[str]:
+    """``n`` deterministic JPEGs (smooth colour fields with a few rectangles, varied sizes)."""
+    from PIL import Image, ImageDraw
+
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        w, h = int(side * rng.uniform(0.8, 1.3)), int(side * rng.uniform(0.8, 1.3))
+        yy, xx = np.mgrid[0:h, 0:w]
+        base = rng.uniform(0, 255, size=3)
+        tilt = rng.uniform(-0.5, 0.5, size=(3, 2))
+        pix = np.stack([base[c] + tilt[c, 0] * xx + tilt[c, 1] * yy for c in range(3)], axis=-1)
+        img = Image.fromarray(np.clip(pix, 0, 255).astype(np.uint8), "RGB")
+        draw = ImageDraw.Draw(img)
+        for _ in range(4):
+            x0, y0 = int(rng.integers(0, w - 10)), int(rng.integers(0, h - 10))
+            x1, y1 = int(rng.integers(x0 + 5, w)), int(rng.integers(y0 + 5, h))
+            draw.rectangle([x0, y0, x1, y1], fill=tuple(int(v) for v in rng.integers(0, 255, size=3)))
+        path = os.path.join(folder, f"img_{i:06d}.jpg")
+        img.save(path, quality=85)
+        paths.append(path)
+    return paths
+
+
+def write_manifest(path: str, images: list[str]) -> str:
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write("uri\n")
+        fh.writelines(f"{p}\n" for p in images)
+    return path
+
+
+def generate_label_set(folder: str, classes: int = 16, sentences: int = 5) -> str:
+    """A small label set (``classes.json`` + ``cupl.json``) for runs without ``--labels``."""
+    os.makedirs(folder, exist_ok=True)
+    names = [f"synthetic object {i}" for i in range(classes)]
+    with open(os.path.join(folder, "classes.json"), "w", encoding="utf-8") as fh:
+        json.dump(names, fh)
+    cupl = {c: [f"a photo of a {c}, variant {j}." for j in range(sentences)] for c in names}
+    with open(os.path.join(folder, "cupl.json"), "w", encoding="utf-8") as fh:
+        json.dump(cupl, fh)
+    return folder
+
+
+# ------------------------------------------------------------------------------------ runs
+
+
+@dataclass
+class RunFigures:
+    """What one labelling run measured."""
+
+    name: str
+    images: int
+    images_per_second: float
+    steady_images_per_second: float  # after the first batch: actor start-up excluded
+    encode_seconds: float
+    total_seconds: float
+    label_set_seconds: float
+    driver_peak_rss_mb: float
+    text_encoded: bool
+    cache_hits: int
+    errors: int = 0
+
+
+def _run_once(name: str, config, log: _LabelSetLog) -> RunFigures:
+    from pipelines.pipeline import run_label_job
+
+    durations: list[float] = []
+    encoded0, cached0 = log.encoded, log.cached
+    with _timed_label_set_stage(durations), RssSampler() as rss:
+        started = time.perf_counter()
+        summary = run_label_job(config)
+        total = time.perf_counter() - started
+    fig = RunFigures(
+        name=name,
+        images=int(summary["processed"]),
+        images_per_second=float(summary["images_per_second"]),
+        steady_images_per_second=float(summary["steady_images_per_second"]),
+        encode_seconds=float(summary["encode_seconds"]),
+        total_seconds=round(total, 3),
+        label_set_seconds=round(sum(durations), 4),
+        driver_peak_rss_mb=round(rss.peak / 2**20, 1),
+        text_encoded=log.encoded > encoded0,
+        cache_hits=log.cached - cached0,
+        errors=int(summary["errors"]),
+    )
+    print(f"  {name:<8} {fig.images:>6} images  {fig.images_per_second:>8.2f} img/s ({fig.steady_images_per_second:.2f} steady)  encode {fig.encode_seconds:>7.2f}s  "
+          f"label-set stage {fig.label_set_seconds:.3f}s ({'encoded text' if fig.text_encoded else 'cache hit'})  "
+          f"driver peak RSS {fig.driver_peak_rss_mb:.0f} MB", flush=True)
+    return fig
+
+
+def add_scaling_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--n", type=int, default=40, help="images in the small run")
+    parser.add_argument("--factor", type=int, default=10, help="the large run has factor × N images")
+    parser.add_argument("--labels", default=None, help="label set (default: a generated 16-class one)")
+    parser.add_argument("--method", default="bifta", help="labelling method")
+    parser.add_argument("--model", default="bifta-tiny-vit", help="open_clip architecture")
+    parser.add_argument("--pretrained", default="random", help="weights (tag, checkpoint, or random)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda …")
+    parser.add_argument("--num-views", type=int, default=None, help="views per image (method preset)")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per encode batch")
+    parser.add_argument("--image-side", type=int, default=256, help="approximate side of generated images")
+    parser.add_argument("--work-dir", default=None, help="where images and outputs go (default: a temp folder)")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder")
+    parser.add_argument("--min-throughput-ratio", type=float, default=0.9)
+    parser.add_argument("--max-rss-growth", type=float, default=0.20, help="allowed relative driver RSS growth")
+    parser.add_argument("--max-rss-growth-mb", type=float, default=150.0, help="allowed absolute driver RSS growth")
+
+
+def evaluate_targets(small: RunFigures, large: RunFigures, warm_cache_runs: list[RunFigures],
+                     args: argparse.Namespace) -> dict[str, Any]:
+    """Check the four targets; each entry has the measured value, the limit and ``ok``."""
+    # Steady-state throughput on both sides: Ray start-up is a fixed cost that would flatter the large run.
+    ratio = (large.steady_images_per_second / small.steady_images_per_second
+             if small.steady_images_per_second else 0.0)
+    growth_mb = large.driver_peak_rss_mb - small.driver_peak_rss_mb
+    growth_rel = growth_mb / small.driver_peak_rss_mb if small.driver_peak_rss_mb else 0.0
+    ls_limit = max(1.5 * small.label_set_seconds, small.label_set_seconds + 0.5)
+    return {
+        "throughput_ratio": {"value": round(ratio, 3), "min": args.min_throughput_ratio,
+                             "ok": ratio >= args.min_throughput_ratio},
+        "driver_rss_growth": {"mb": round(growth_mb, 1), "relative": round(growth_rel, 3),
+                              "max_mb": args.max_rss_growth_mb, "max_relative": args.max_rss_growth,
+                              "ok": growth_mb <= args.max_rss_growth_mb or growth_rel <= args.max_rss_growth},
+        "label_set_stage_flat": {"small_s": small.label_set_seconds, "large_s": large.label_set_seconds,
+                                 "max_large_s": round(ls_limit, 4), "ok": large.label_set_seconds <= ls_limit},
+        "label_set_cache_hit": {"runs": [r.name for r in warm_cache_runs],
+                                "ok": all(not r.text_encoded and r.cache_hits >= 1 for r in warm_cache_runs)},
+    }
+
+
+def run_scaling(args: argparse.Namespace) -> int:
+    """Run the scaling benchmark; 0 when every target holds, 1 otherwise."""
+    from bifta_core.config import LabelConfig, ModelConfig
+
+    if args.n < 1 or args.factor < 1:
+        raise ConfigError("--n and --factor must be positive integers")
+    work = args.work_dir or tempfile.mkdtemp(prefix="bifta-bench-scaling-")
+    os.makedirs(work, exist_ok=True)
+    bench_logger = logging.getLogger("bifta")
+    old_level = bench_logger.level
+    bench_logger.setLevel(logging.INFO)
+    log = _LabelSetLog()
+    logging.getLogger("bifta.label_set").addHandler(log)
+    try:
+        big = args.n * args.factor
+        t0 = time.perf_counter()
+        images = generate_images(os.path.join(work, "images"), big, side=args.image_side)
+        print(f"bench scaling: generated {big} images in {time.perf_counter() - t0:.1f}s under {work}", flush=True)
+        small_manifest = write_manifest(os.path.join(work, "small.csv"), images[: args.n])
+        large_manifest = write_manifest(os.path.join(work, "large.csv"), images)
+        labels = args.labels or generate_label_set(os.path.join(work, "labelset"))
+        cache = os.path.join(work, "labelset-cache")
+        shutil.rmtree(cache, ignore_errors=True)
+
+        def config(manifest: str, out: str) -> LabelConfig:
+            shutil.rmtree(out, ignore_errors=True)
+            return LabelConfig(
+                input=manifest, labels=[labels], out=out, method=args.method, num_views=args.num_views,
+                batch_size=args.batch_size, labelset_cache=cache, explain=False,
+                model=ModelConfig(model=args.model, pretrained=args.pretrained, device=args.device),
+            )
+
+        print(f"  method {args.method}, model {args.model} ({args.pretrained}), N = {args.n}, {args.factor}×N = {big}",
+              flush=True)
+        warm = _run_once("warm-up", config(small_manifest, os.path.join(work, "out-warm")), log)
+        small = _run_once("N", config(small_manifest, os.path.join(work, "out-small")), log)
+        large = _run_once(f"{args.factor}xN", config(large_manifest, os.path.join(work, "out-large")), log)
+        targets = evaluate_targets(small, large, [small, large], args)
+        ok = all(t["ok"] for t in targets.values())
+        for name, t in targets.items():
+            print(f"  {'PASS' if t['ok'] else 'FAIL'} {name}: " + ", ".join(f"{k}={v}" for k, v in t.items() if k != "ok"))
+        # Images/s once actors are up: the extra images over the extra encode time (informational).
+        extra_s = large.encode_seconds - small.encode_seconds
+        marginal = (large.images - small.images) / extra_s if extra_s > 0 else None
+        if marginal is not None:
+            print(f"  marginal throughput (startup excluded): {marginal:.2f} img/s")
+        result = {
+            "benchmark": "scaling",
+            "marginal_images_per_second": None if marginal is None else round(marginal, 3),
+            "ok": ok,
+            "n": args.n,
+            "factor": args.factor,
+            "method": args.method,
+            "model": args.model,
+            "pretrained": args.pretrained,
+            "runs": [vars(r) for r in (warm, small, large)],
+            "targets": targets,
+        }
+        print(json.dumps(result, default=str), flush=True)
+        return 0 if ok else 1
+    finally:
+        logging.getLogger("bifta.label_set").removeHandler(log)
+        bench_logger.setLevel(old_level)
+        if not args.keep and not args.work_dir:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m jobs.bench_scaling``: the same as ``bifta bench scaling``."""
+    from jobs.cli import main as cli_main
+
+    return cli_main(["bench", "scaling", *(argv if argv is not None else sys.argv[1:])])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

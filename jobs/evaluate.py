@@ -1,0 +1,200 @@
+"""``bifta evaluate`` / ``python -m jobs.evaluate`` — every method's accuracy from one encoding pass.
+
+    python -m jobs.evaluate labels.csv --label-column class_name \\
+        --labels ../shared/descriptions/imagenet --out eval/ --save-embeddings
+
+INPUT is a manifest (.csv/.parquet with ``uri``/``path`` and a label column) or a folder with one
+sub-folder per class. Each image's whole view and all its sampled views are encoded once; CLIP,
+CLIP-E, CLIP-D, CuPL, WCA and BiFTA (and their refinement/aggregation variants) are all scored from
+those embeddings. ``--from-embeddings DIR`` re-scores saved embeddings without encoding. A user
+mistake prints one ``error:`` line and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+from bifta_core.config import LabelConfig
+from bifta_core.errors import ConfigError
+from bifta_core.evaluation import method_names
+from jobs.label import _MODEL_FIELDS, add_model_arguments
+
+logger = logging.getLogger("bifta.evaluate")
+
+#: LabelConfig fields evaluate takes from flags (the rest keep their defaults).
+_CONFIG_FIELDS = {
+    "num_views", "max_views", "iou_threshold", "scale", "seed", "desc_threshold", "desc_top_k", "image_scale",
+    "text_scale", "merge_duplicate_classes", "pgs_keep", "pgs_whole_image", "batch_size", "view_batch_size",
+    "num_encoders", "limit", "max_pixels", "labelset_cache",
+}
+#: Flags that fix the image embeddings: with --from-embeddings they must match the saved ones.
+_VIEW_FLAGS = ("num_views", "max_views", "iou_threshold", "scale", "seed", "view_preset", "pgs_keep", "pgs_whole_image")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    s = argparse.SUPPRESS
+    parser.add_argument("input", nargs="?", default=None,
+                        help="manifest .csv/.parquet with a label column, or a folder with one sub-folder per class")
+    parser.add_argument("--labels", required=True, metavar="[NAME=]LABELSET",
+                        help="label-set folder (classes.json, cupl.json, clip-d.json, clip-e.json …)")
+    parser.add_argument("--out", required=True, help="output folder (local or s3://)")
+    parser.add_argument("--label-column", default="label", help="manifest column holding the ground-truth class")
+    parser.add_argument("--methods", default=None,
+                        help="comma-separated subset of rows to score (default all: " + ", ".join(method_names()) + ")")
+    parser.add_argument("--view-preset", choices=["bifta", "wca"], default=s,
+                        help="view sampling preset the flags below override (default bifta)")
+    add_model_arguments(parser)
+    e = parser.add_argument_group("evaluation")
+    e.add_argument("--protocol-runs", type=int, default=None, help="WCA protocol: runs of random view subsets")
+    e.add_argument("--protocol-views", type=int, default=None, help="WCA protocol: views drawn per image and run")
+    e.add_argument("--save-embeddings", action="store_true", help="write OUT/embeddings.parquet for re-scoring")
+    e.add_argument("--from-embeddings", default=None, metavar="DIR",
+                   help="re-score embeddings saved by an earlier --save-embeddings run (no image is encoded)")
+    e.add_argument("--logit-scale", type=float, default=100.0, help="confidence = softmax(logit scale × score)")
+    e.add_argument("--bins", type=int, default=10, help="confidence bins of the reliability curve")
+    x = parser.add_argument_group("execution")
+    x.add_argument("--batch-size", type=int, default=s, help="images per encode batch (8)")
+    x.add_argument("--view-batch-size", type=int, default=s, help="crops per encoder forward pass (256)")
+    x.add_argument("--num-encoders", type=int, default=s, help="encode actors (default: one per GPU, else 1)")
+    x.add_argument("--limit", type=int, default=s, help="evaluate only the first N inputs")
+    x.add_argument("--max-pixels", type=int, default=s, help="refuse images larger than this")
+    x.add_argument("--labelset-cache", default=s, help="label-set embedding cache folder (~/.cache/bifta/labelsets)")
+    x.add_argument("--no-labelset-cache", dest="labelset_cache", action="store_const", const="", default=s)
+    x.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+def config_from_args(args: argparse.Namespace) -> LabelConfig:
+    """The shared model/view/description settings as a :class:`LabelConfig`."""
+    given = vars(args)
+    data: dict[str, Any] = {k: v for k, v in given.items() if k in _CONFIG_FIELDS}
+    model = {("cache_dir" if k == "model_cache_dir" else k): v for k, v in given.items() if k in _MODEL_FIELDS}
+    if "refine_descriptions" in given or "aggregation" in given:
+        logger.warning("evaluate scores refined and unrefined descriptions and both aggregations; "
+                       "--refine-descriptions/--aggregation are ignored")
+    data.update(
+        input=args.input or args.from_embeddings or "",
+        labels=[args.labels],
+        out=args.out,
+        method=given.get("view_preset", "bifta"),
+        model=model,
+    )
+    return LabelConfig.from_dict(data)
+
+
+def _check_saved(config: LabelConfig, args: argparse.Namespace, meta: dict[str, Any]) -> None:
+    """Adopt the saved embeddings' model; refuse flags that contradict how they were made."""
+    from bifta_core.models import model_identity
+
+    given = vars(args)
+    saved_model, saved_pretrained = meta.get("model"), meta.get("pretrained")
+    asked_model = config.model.model.replace("/", "-")
+    if ("model" in given and asked_model != saved_model) or ("pretrained" in given and config.model.pretrained != saved_pretrained):
+        raise ConfigError(
+            f"--from-embeddings {args.from_embeddings} holds {saved_model} ({saved_pretrained}) embeddings; "
+            f"this run asks for {asked_model} ({config.model.pretrained}) — the model must match"
+        )
+    config.model.model, config.model.pretrained = str(saved_model), str(saved_pretrained)
+    if model_identity(config.model.model, config.model.pretrained, config.model.cache_dir) != meta.get("model_identity"):
+        raise ConfigError(
+            f"the weights {saved_pretrained} changed since the embeddings in {args.from_embeddings} were made; "
+            "re-encode without --from-embeddings"
+        )
+    if any(f in given for f in _VIEW_FLAGS):
+        import dataclasses
+
+        asked = dataclasses.asdict(config.view_preset())
+        asked["scale"] = list(asked["scale"])
+        saved = dict(meta.get("views") or {})
+        if saved:
+            saved["scale"] = list(saved.get("scale", []))
+        mismatch = saved != asked or config.seed != meta.get("seed") or config.pgs_keep != meta.get("pgs_keep") \
+            or config.pgs_whole_image != meta.get("pgs_whole_image")
+        if mismatch:
+            raise ConfigError(
+                f"view settings are fixed by the saved embeddings ({saved or 'no views'}, seed {meta.get('seed')}); "
+                "drop the view flags or re-encode without --from-embeddings"
+            )
+
+
+def options_from_args(args: argparse.Namespace):
+    from pipelines.evaluate import EvaluateOptions
+
+    methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
+    return EvaluateOptions(
+        out=args.out,
+        label_column=args.label_column,
+        methods=methods,
+        protocol_runs=args.protocol_runs,
+        protocol_views=args.protocol_views,
+        save_embeddings=args.save_embeddings,
+        from_embeddings=args.from_embeddings,
+        logit_scale=args.logit_scale,
+        bins=args.bins,
+    )
+
+
+def format_metrics(summary: dict[str, Any], metrics_rows: list[dict[str, Any]]) -> str:
+    """Compact end-of-run table."""
+    lines = ["", f"bifta evaluate — {summary['images']} images, label set {summary['label_set']['name']} "
+                 f"({summary['label_set']['classes']} classes), model {summary['model']} ({summary['pretrained']})"]
+    protocol = summary.get("protocol")
+    if protocol:
+        lines.append(f"  protocol: {protocol['runs']} runs × {protocol['views']} views (mean ± std)")
+    lines.append(f"  {'method':<28}{'top-1 %':>16}{'top-5 %':>16}")
+    for r in metrics_rows:
+        t1 = f"{100 * r['top1']:.2f}" + (f" ± {100 * r['top1_std']:.2f}" if "top1_std" in r else "")
+        t5 = f"{100 * r['top5']:.2f}" + (f" ± {100 * r['top5_std']:.2f}" if "top5_std" in r else "")
+        lines.append(f"  {r['method']:<28}{t1:>16}{t5:>16}")
+    grouped: dict[str, list[str]] = {}
+    for name, reason in summary.get("skipped", {}).items():
+        grouped.setdefault(reason, []).append(name)
+    for reason, names in grouped.items():
+        lines.append(f"  skipped {', '.join(names)}: {reason}")
+    if summary["errors"]:
+        lines.append("  errors: " + "; ".join(f"{k} ×{v}" for k, v in summary["error_reasons"].items()))
+    lines.append(f"  written to {summary['out']} (metrics.parquet, per_class.parquet, predictions.parquet, report.md)")
+    if summary.get("random_weights"):
+        lines.append("  WARNING random weights: these numbers are meaningless")
+    return "\n".join(lines)
+
+
+def _progress(info: dict) -> None:
+    print(f"[bifta] {info['done']}/{info['total']} images encoded, {info['errors']} errors, "
+          f"{info['elapsed_s']:.0f}s", file=sys.stderr, flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run from parsed flags; raises :class:`BiftaUserError` for user mistakes."""
+    import polars as pl
+
+    from pipelines.evaluate import read_embeddings_meta, run_evaluation
+
+    if not args.input and not args.from_embeddings:
+        raise ConfigError("no INPUT given (a manifest with a label column or a folder of class folders), "
+                          "and no --from-embeddings")
+    config = config_from_args(args)
+    if args.from_embeddings:
+        if args.input:
+            logger.warning("INPUT %s is ignored: --from-embeddings re-scores the saved images", args.input)
+        _check_saved(config, args, read_embeddings_meta(args.from_embeddings))
+    summary = run_evaluation(config, options_from_args(args), on_progress=None if args.quiet else _progress)
+    from bifta_core import storage
+
+    with storage.open_input(storage.join(args.out, "metrics.parquet")) as fh:
+        rows = pl.read_parquet(fh).to_dicts()
+    print(format_metrics(summary, rows))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m jobs.evaluate``: the same as ``bifta evaluate``."""
+    from jobs.cli import main as cli_main
+
+    return cli_main(["evaluate", *(argv if argv is not None else sys.argv[1:])])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,350 @@
+"""``bifta evaluate``: every method from one encoding pass, on real ImageNet photos.
+
+Runs the real Ray pipeline once (12 photos of ``../shared/datasets/imagenet-sample``, the tiny
+random-weight ViT, 10 views per image) against the 1000 ImageNet classes of
+``../shared/descriptions/imagenet``. To keep text encoding affordable on a small CPU the label set
+is a copy with the first 6 CuPL sentences, 3 descriptors and 3 templates per class (the tiny model
+encodes ~800 texts/s; the full files hold ~117k texts). With random weights accuracies are
+meaningless, so the tests check structure and the identities that must hold exactly.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from bifta_core.errors import InputError
+from bifta_core.eval_embeddings import embeddings_to_batch
+from bifta_core.evaluation import ImageBatch, map_labels, method_names, scores_for, select_methods
+from bifta_core.predict import ScoreParams
+
+N_IMAGES = 12
+MODEL_FLAGS = ["--model", "bifta-tiny-vit", "--pretrained", "random", "--device", "cpu"]
+# 10 views with a strict IoU threshold, so refinement drops some views of some images.
+VIEW_FLAGS = ["--num-views", "10", "--iou-threshold", "0.3", "--seed", "3"]
+
+
+def write_imagenet_label_set(descriptions_dir: Path, dest: Path, *, sentences: int = 6, descriptors: int = 3,
+                             templates: int = 3) -> Path:
+    """Copy of the published ImageNet label set with fewer texts per class (all 1000 classes)."""
+    src = descriptions_dir / "imagenet"
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "classes.json").write_text((src / "classes.json").read_text())
+    cupl = json.loads((src / "cupl.json").read_text())
+    (dest / "cupl.json").write_text(json.dumps({k: v[:sentences] for k, v in cupl.items()}))
+    clip_d = json.loads((src / "clip-d.json").read_text())
+    (dest / "clip-d.json").write_text(json.dumps({k: v[:descriptors] for k, v in clip_d.items()}))
+    clip_e = json.loads((src / "clip-e.json").read_text())
+    (dest / "clip-e.json").write_text(json.dumps(clip_e[:templates]))
+    return dest
+
+
+def write_manifest(imagenet_sample: Path, dest: Path, n: int = N_IMAGES, extra: list[tuple[str, str]] = ()) -> Path:
+    """``path,label`` manifest of the first ``n`` photos (``class_name`` as the label)."""
+    with open(imagenet_sample / "labels.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))[:n]
+    with open(dest, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "label"])
+        for r in rows:
+            w.writerow([str(imagenet_sample / r["path"]), r["class_name"]])
+        for path, label in extra:
+            w.writerow([path, label])
+    return dest
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("evaluate")
+
+
+@pytest.fixture(scope="module")
+def label_set(descriptions_dir: Path, work: Path) -> Path:
+    return write_imagenet_label_set(descriptions_dir, work / "imagenet-small")
+
+
+@pytest.fixture(scope="module")
+def manifest(imagenet_sample: Path, work: Path) -> Path:
+    return write_manifest(imagenet_sample, work / "manifest.csv")
+
+
+@pytest.fixture(scope="module")
+def evaluated(label_set: Path, manifest: Path, work: Path) -> Path:
+    """One real evaluation run: all methods, protocol on, embeddings saved."""
+    from jobs.evaluate import main
+
+    out = work / "eval"
+    rc = main([str(manifest), "--labels", str(label_set), "--out", str(out), *MODEL_FLAGS, *VIEW_FLAGS,
+               "--desc-top-k", "3", "--protocol-runs", "3", "--protocol-views", "3", "--save-embeddings",
+               "--batch-size", "6", "--labelset-cache", str(work / "lscache"), "--quiet"])
+    assert rc == 0
+    return out
+
+
+def _predictions(out: Path) -> pl.DataFrame:
+    return pl.read_parquet(out / "predictions.parquet")
+
+
+def _scores_by_method(out: Path, method: str) -> torch.Tensor:
+    p = _predictions(out).filter(pl.col("method") == method).sort("image_id")
+    return torch.tensor(p["true_score"].to_list())
+
+
+def _embeddings(out: Path) -> tuple[ImageBatch, list[str]]:
+    table = pq.read_table(out / "embeddings.parquet")
+    return embeddings_to_batch(table, [0] * table.num_rows), table.column("true_label").to_pylist()
+
+
+def _label_set_embeddings(label_set: Path, work: Path, methods: list[str] | None = None):
+    """The evaluation's text banks, from the label-set cache the run filled (no text encoded)."""
+    from bifta_core.config import LabelConfig, ModelConfig
+    from bifta_core.evaluation import bank_specs_for
+    from pipelines.embed import load_eval_label_set, prepare_eval_label_set
+    from pipelines.pipeline import model_config
+
+    config = LabelConfig(input="x", labels=[str(label_set)], out="x", desc_top_k=3,
+                         labelset_cache=str(work / "lscache"),
+                         model=ModelConfig(model="bifta-tiny-vit", pretrained="random", device="cpu"))
+    ls = load_eval_label_set(config)
+    emb, hit = prepare_eval_label_set(config, ls, bank_specs_for(select_methods(methods), 0.99, 3), model_config(config))
+    assert hit, "the evaluation run should have cached the label set"
+    return ls, emb
+
+
+# --------------------------------------------------------------------------------------- run
+
+
+def test_metrics_have_every_method_and_the_contract_columns(evaluated: Path) -> None:
+    metrics = pl.read_parquet(evaluated / "metrics.parquet")
+    for col in ("method", "top1", "top5", "n", "top1_std", "top5_std"):
+        assert col in metrics.columns
+    assert metrics["method"].to_list() == method_names()
+    assert set(metrics["n"].to_list()) == {N_IMAGES}
+    for col in ("top1", "top5", "top1_std", "top5_std", "ece"):
+        assert all(0.0 <= v <= 1.0 for v in metrics[col].to_list())
+    assert all(t1 <= t5 for t1, t5 in zip(metrics["top1"].to_list(), metrics["top5"].to_list()))
+
+    per_class = pl.read_parquet(evaluated / "per_class.parquet")
+    assert {"method", "class", "n", "top1"} <= set(per_class.columns)
+    assert per_class.group_by("method").agg(pl.col("n").sum())["n"].to_list() == [N_IMAGES] * len(method_names())
+
+    preds = _predictions(evaluated)
+    assert preds.height == N_IMAGES * len(method_names())
+    assert (preds["correct"] == (preds["true_rank"] == 1)).all()
+    assert preds["true_label"].str.contains("tench").any()
+
+    report = (evaluated / "report.md").read_text()
+    for png in ("accuracy.png", "confidence.png", "reliability.png", "worst_classes.png"):
+        assert f"({png})" in report
+        assert (evaluated / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "random model weights" in report
+    summary = json.loads((evaluated / "evaluate_summary.json").read_text())
+    assert summary["images"] == N_IMAGES and summary["errors"] == 0
+
+
+def test_protocol_reports_mean_and_std_over_runs(evaluated: Path) -> None:
+    metrics = pl.read_parquet(evaluated / "metrics.parquet")
+    views = metrics.filter(pl.col("views") != "none")
+    assert set(views["protocol_runs"].to_list()) == {3}
+    assert set(views["protocol_views"].to_list()) == {3}
+    whole = metrics.filter(pl.col("views") == "none")
+    assert set(whole["top1_std"].to_list()) == {0.0}
+    # Without views the protocol changes nothing: mean == the deterministic accuracy.
+    assert whole["top1"].to_list() == whole["top1_full"].to_list()
+
+
+def test_methods_differ_where_they_must(evaluated: Path) -> None:
+    def differ(a: str, b: str) -> bool:
+        return not torch.allclose(_scores_by_method(evaluated, a), _scores_by_method(evaluated, b))
+
+    assert differ("clip", "cupl")
+    assert differ("clip", "clip-e")
+    assert differ("cupl", "clip-d")
+    assert differ("wca", "bifta")
+    assert differ("wca", "wca+refined-desc")  # description refinement changes the text side
+    assert differ("wca", "wca/sum")  # aggregation changes the score
+    assert differ("cupl", "wca")  # views change the image side
+
+
+def test_view_refinement_only_matters_for_images_that_lost_views(evaluated: Path) -> None:
+    batch, _ = _embeddings(evaluated)
+    assert batch.view_kept is not None and batch.view_mask is not None
+    full = (batch.view_kept == batch.view_mask).all(dim=1)
+    assert not bool(full.all()), "IoU 0.3 should drop some views; pick a stricter threshold"
+    ids = batch.image_ids
+    preds = _predictions(evaluated)
+    for all_views, kept_views in (("wca", "bifta-unrefined-desc"), ("wca+refined-desc", "bifta")):
+        a = preds.filter(pl.col("method") == all_views).sort("image_id")
+        b = preds.filter(pl.col("method") == kept_views).sort("image_id")
+        order = {i: k for k, i in enumerate(a["image_id"].to_list())}
+        same = [a["true_score"][order[i]] == b["true_score"][order[i]] for i in ids]
+        for i, image_full in enumerate(full.tolist()):
+            if image_full:
+                assert same[i], f"{ids[i]}: all views kept, so all-view and kept-view scores must be equal"
+        assert not all(same)
+
+
+def test_embeddings_file_layout(evaluated: Path) -> None:
+    table = pq.read_table(evaluated / "embeddings.parquet")
+    assert table.num_rows == N_IMAGES
+    assert str(table.schema.field("image_emb").type) == "fixed_size_list<element: float>[64]"
+    assert table.schema.field("view_emb").type.value_type.list_size == 64
+    assert [len(v) for v in table.column("view_kept").to_pylist()] == [10] * N_IMAGES
+    meta = json.loads(table.schema.metadata[b"bifta"])
+    assert meta["model"] == "bifta-tiny-vit" and meta["pretrained"] == "random"
+    assert meta["views"]["num_views"] == 10 and meta["seed"] == 3
+
+
+# ----------------------------------------------------------------------------- re-scoring
+
+
+def test_from_embeddings_reproduces_metrics_without_encoding(evaluated: Path, label_set: Path, work: Path,
+                                                            monkeypatch) -> None:
+    import pipelines.evaluate as ev
+    from jobs.evaluate import main
+
+    def no_encoding(*a, **k):
+        raise AssertionError("--from-embeddings must not encode images")
+
+    monkeypatch.setattr(ev, "_encoded_tables", no_encoding)
+    out = work / "rescored"
+    rc = main(["--from-embeddings", str(evaluated), "--labels", str(label_set), "--out", str(out),
+               "--desc-top-k", "3", "--protocol-runs", "3", "--protocol-views", "3",
+               "--labelset-cache", str(work / "lscache"), "--quiet"])
+    assert rc == 0
+    cols = ["method", "top1", "top5", "n", "top1_std", "top5_std", "ece"]
+    a = pl.read_parquet(evaluated / "metrics.parquet").select(cols)
+    b = pl.read_parquet(out / "metrics.parquet").select(cols)
+    assert a.equals(b)
+    assert _predictions(evaluated).equals(_predictions(out))
+
+    # Other scoring parameters re-score the same embeddings.
+    out2 = work / "rescored-scale"
+    rc = main(["--from-embeddings", str(evaluated), "--labels", str(label_set), "--out", str(out2),
+               "--desc-top-k", "3", "--image-scale", "0", "--methods", "wca,cupl",
+               "--labelset-cache", str(work / "lscache"), "--quiet"])
+    assert rc == 0
+    m2 = pl.read_parquet(out2 / "metrics.parquet")
+    assert m2["method"].to_list() == ["cupl", "wca"]
+    assert "top1_std" not in m2.columns
+    assert _scores_by_method(evaluated, "cupl").equal(_scores_by_method(out2, "cupl"))
+    assert not torch.allclose(_scores_by_method(evaluated, "wca"), _scores_by_method(out2, "wca"))
+
+
+def test_from_embeddings_refuses_another_model(evaluated: Path, label_set: Path, work: Path, capsys) -> None:
+    from jobs.evaluate import main
+
+    rc = main(["--from-embeddings", str(evaluated), "--labels", str(label_set), "--out", str(work / "x"),
+               "--model", "bifta-tiny-rn", "--quiet"])
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "model must match" in err[0]
+    rc = main(["--from-embeddings", str(evaluated), "--labels", str(label_set), "--out", str(work / "x"),
+               "--num-views", "4", "--quiet"])
+    assert rc == 2
+    assert "view settings are fixed" in capsys.readouterr().err
+
+
+def test_clip_e_with_the_clip_prompt_as_only_template_equals_clip(evaluated: Path, descriptions_dir: Path,
+                                                                   work: Path) -> None:
+    from jobs.evaluate import main
+
+    ls = work / "clip-prompt-only"
+    ls.mkdir()
+    (ls / "classes.json").write_text((descriptions_dir / "imagenet" / "classes.json").read_text())
+    (ls / "clip-e.json").write_text(json.dumps(["a photo of a {}."]))
+    out = work / "clip-e-eval"
+    rc = main(["--from-embeddings", str(evaluated), "--labels", str(ls), "--out", str(out),
+               "--labelset-cache", str(work / "lscache"), "--quiet"])
+    assert rc == 0
+    metrics = pl.read_parquet(out / "metrics.parquet")
+    # No cupl.json / clip-d.json: those methods are skipped, not failed.
+    assert metrics["method"].to_list() == ["clip", "clip-e"]
+    summary = json.loads((out / "evaluate_summary.json").read_text())
+    assert {"cupl", "wca", "bifta", "clip-d"} <= set(summary["skipped"])
+    assert "clip-d.json" in summary["skipped"]["clip-d"]
+    preds = _predictions(out)
+    clip = preds.filter(pl.col("method") == "clip")
+    clip_e = preds.filter(pl.col("method") == "clip-e")
+    exact = ["image_id", "label", "true_rank", "top5_labels"]
+    assert clip.select(exact).equals(clip_e.select(exact))
+    # CLIP-E re-normalises the (single) template mean, which may move the last float bit.
+    for col in ("score", "margin", "true_score"):
+        assert torch.allclose(torch.tensor(clip[col].to_list()), torch.tensor(clip_e[col].to_list()), atol=1e-6)
+    # …and CLIP equals the CLIP row of the full evaluation (same embeddings, same prompts).
+    assert _scores_by_method(evaluated, "clip").equal(_scores_by_method(out, "clip"))
+
+
+def test_wca_with_the_whole_image_as_only_view_and_uniform_weights_equals_cupl(evaluated: Path, label_set: Path,
+                                                                              work: Path) -> None:
+    batch, labels = _embeddings(evaluated)
+    ls, emb = _label_set_embeddings(label_set, work)
+    batch.true_index = torch.tensor(map_labels(labels, ls.classes, ls.synonyms))
+    whole = ImageBatch(batch.image_ids, batch.true_index, batch.image_emb, batch.image_emb[:, None, :],
+                       torch.ones(len(batch), 1, dtype=torch.bool), torch.ones(len(batch), 1, dtype=torch.bool))
+    methods = {m.name: m for m in select_methods(None)}
+    # exp(-inf) = 0 turns the description softmax into a uniform average.
+    uniform = ScoreParams(image_scale=4.0, text_scale=float("-inf"))
+    cupl = scores_for(methods["cupl"], emb, whole, uniform)
+    wca = scores_for(methods["wca"], emb, whole, uniform)
+    assert torch.allclose(wca, cupl, atol=1e-5)
+    # With the paper's text temperature the description weights are no longer uniform.
+    assert not torch.allclose(scores_for(methods["wca"], emb, whole, ScoreParams()), cupl, atol=1e-5)
+
+
+# -------------------------------------------------------------------------------- inputs
+
+
+def test_folder_input_uses_subfolder_names_as_labels(imagenet_sample: Path, tmp_path: Path) -> None:
+    from pipelines.embed import list_eval_inputs
+
+    photos = sorted((imagenet_sample / "images").iterdir())[:3]
+    for cls, photo in zip(["tench", "tench", "Electric_Ray"], photos):
+        (tmp_path / cls).mkdir(exist_ok=True)
+        os.symlink(photo, tmp_path / cls / photo.name)
+    table = list_eval_inputs(str(tmp_path))
+    assert sorted(table.column("true_label").to_pylist()) == ["Electric_Ray", "tench", "tench"]
+    assert map_labels(["Electric_Ray", "TENCH"], ["tench", "electric ray"]) == [1, 0]
+
+    (tmp_path / photos[0].name).symlink_to(photos[0])
+    with pytest.raises(InputError, match="one sub-folder per class"):
+        list_eval_inputs(str(tmp_path))
+
+
+def test_unknown_labels_are_one_clear_error(imagenet_sample: Path, label_set: Path, work: Path, tmp_path: Path,
+                                            capsys) -> None:
+    from jobs.evaluate import main
+
+    photos = [str(p) for p in sorted((imagenet_sample / "images").iterdir())[-2:]]
+    bad = write_manifest(imagenet_sample, tmp_path / "bad.csv", 2,
+                         extra=[(photos[0], "flying carpet"), (photos[1], "hovercraft")])
+    rc = main([str(bad), "--labels", str(label_set), "--out", str(tmp_path / "o"), *MODEL_FLAGS, *VIEW_FLAGS,
+               "--desc-top-k", "3", "--labelset-cache", str(work / "lscache"), "--quiet"])
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:")
+    assert "'flying carpet'" in err[0] and "'hovercraft'" in err[0]
+
+    rc = main([str(bad), "--labels", str(label_set), "--out", str(tmp_path / "o"), "--label-column", "species",
+               *MODEL_FLAGS, "--labelset-cache", str(work / "lscache"), "--quiet"])
+    assert rc == 2
+    assert "no 'species' column" in capsys.readouterr().err
+
+    with pytest.raises(InputError, match="name no class"):
+        map_labels(["tench", "unicorn"], ["tench"])
+
+
+def test_bad_method_and_protocol_flags(label_set: Path, manifest: Path, tmp_path: Path, capsys) -> None:
+    from jobs.evaluate import main
+
+    rc = main([str(manifest), "--labels", str(label_set), "--out", str(tmp_path), "--methods", "clip,magic"])
+    assert rc == 2 and "magic" in capsys.readouterr().err
+    rc = main([str(manifest), "--labels", str(label_set), "--out", str(tmp_path), "--protocol-runs", "3"])
+    assert rc == 2 and "--protocol-views" in capsys.readouterr().err
