@@ -131,6 +131,25 @@ class LabelConfig:
         _positive("--desc-top-k", self.desc_top_k)
         _positive("--max-pixels", self.max_pixels)
         _positive("--shard-size", self.shard_size)
+        for flag, value, optional in (
+            ("--iou-threshold", self.iou_threshold, True),
+            ("--desc-threshold", self.desc_threshold, False),
+            ("--pgs-keep", self.pgs_keep, True),
+            ("--image-scale", self.image_scale, False),
+            ("--text-scale", self.text_scale, False),
+        ):
+            _real(flag, value, optional)
+        for flag, value in (("--model", self.model.model), ("--pretrained", self.model.pretrained),
+                            ("--device", self.model.device), ("--precision", self.model.precision)):
+            if not isinstance(value, str) or not value:
+                raise ConfigError(f"{flag} must be a non-empty string, got {value!r}")
+        if not isinstance(self.labels, list) or not all(isinstance(x, str) for x in self.labels):
+            raise ConfigError(f"--labels must be a list of label-set locations, got {self.labels!r}")
+        if self.scale is not None:
+            if not isinstance(self.scale, (tuple, list)) or len(self.scale) != 2:
+                raise ConfigError(f"--scale must be two numbers A,B, got {self.scale!r}")
+            for v in self.scale:
+                _real("--scale", v, False)
         if self.iou_threshold is not None and not 0.0 <= self.iou_threshold <= 1.0:
             raise ConfigError(f"--iou-threshold must be within [0, 1], got {self.iou_threshold}")
         if not -1.0 <= self.desc_threshold <= 1.0:
@@ -211,6 +230,17 @@ def parse_scale(value: Any) -> tuple[float, float]:
     if len(parts) != 2:
         raise ConfigError(f"--scale must be two numbers A,B, got {value!r}")
     return parts[0], parts[1]
+
+
+def _real(flag: str, value: Any, optional: bool) -> None:
+    """A finite real number (config files can carry strings, booleans or NaN)."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value in (
+        float("inf"),
+        float("-inf"),
+    ):
+        raise ConfigError(f"{flag} must be a finite number, got {value!r}")
 
 
 def _positive(flag: str, value: Any, allow_zero: bool = False) -> None:

@@ -34,6 +34,7 @@ class DecodedImage:
     pixels: np.ndarray  # uint8 [h, w, 3]
     width: int  # original width after EXIF orientation
     height: int  # original height after EXIF orientation
+    whole: torch.Tensor | None = None  # uint8 [3, S, S] model input, when decode_image was asked for it
 
     @property
     def scale_x(self) -> float:
@@ -51,8 +52,18 @@ def working_min_side(input_size: int, min_crop_scale: float | None) -> int:
     return int(math.ceil(input_size / min_crop_scale))
 
 
-def decode_image(data: bytes, *, max_pixels: int, min_side: int | None = None) -> DecodedImage:
+def decode_image(
+    data: bytes,
+    *,
+    max_pixels: int,
+    min_side: int | None = None,
+    whole_size: int | None = None,
+    resize_mode: str = "shortest",
+) -> DecodedImage:
     """Decode bytes → RGB at working resolution (shorter side ``min_side`` unless already smaller).
+
+    With ``whole_size``, also the model's whole-image input (:func:`whole_image_pixels`), taken from
+    the decoded image *before* the working-resolution resize so it is resampled only once.
 
     Applies the EXIF orientation, converts any mode (palette, CMYK, L, RGBA…) to RGB, refuses images
     above ``max_pixels`` before decompressing them (decompression-bomb guard; Pillow's own hard limit,
@@ -91,11 +102,12 @@ def decode_image(data: bytes, *, max_pixels: int, min_side: int | None = None) -
         raise ImageDecodeError("not an image (unrecognised format)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageDecodeError(f"cannot decode image: {_short(exc)}") from None
+    whole = None if whole_size is None else _whole_from_pil(img, whole_size, resize_mode)
     if min_side is not None and min(img.size) > min_side:
         factor = min(img.size) / min_side
         target = (max(1, round(img.size[0] / factor)), max(1, round(img.size[1] / factor)))
         img = img.resize(target, Image.BICUBIC, reducing_gap=3.0)
-    return DecodedImage(pixels=np.asarray(img, dtype=np.uint8).copy(), width=width, height=height)
+    return DecodedImage(pixels=np.asarray(img, dtype=np.uint8).copy(), width=width, height=height, whole=whole)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -114,23 +126,41 @@ def _short(exc: BaseException) -> str:
     return text[0][:200] if text else type(exc).__name__
 
 
-def whole_image_pixels(pixels: np.ndarray, size: int) -> torch.Tensor:
+RESIZE_MODES = ("shortest", "squash", "longest")
+
+
+def whole_image_pixels(pixels: np.ndarray, size: int, resize_mode: str = "shortest") -> torch.Tensor:
     """open_clip's eval preprocessing up to normalisation → uint8 ``[3, size, size]``.
 
-    Resize the shorter side to ``size`` (bicubic, torchvision's rounding) then centre-crop, exactly
-    as ``open_clip.image_transform(is_train=False)`` does on a PIL image.
+    ``shortest`` (CLIP): resize the shorter side to ``size`` (bicubic, torchvision's rounding), then
+    centre-crop; ``squash``: resize to ``size``×``size`` ignoring aspect; ``longest``: resize the
+    longer side to ``size`` and centre-pad with black — as ``open_clip.image_transform(is_train=False)``.
     """
-    img = Image.fromarray(pixels)
+    return _whole_from_pil(Image.fromarray(pixels), size, resize_mode)
+
+
+def _whole_from_pil(img: Image.Image, size: int, resize_mode: str) -> torch.Tensor:
+    if resize_mode not in RESIZE_MODES:
+        raise ValueError(f"unsupported resize_mode {resize_mode!r}; expected one of {RESIZE_MODES}")
     w, h = img.size
-    if w <= h:
-        new_w, new_h = size, int(size * h / w)
+    if resize_mode == "squash":
+        img = img.resize((size, size), Image.BICUBIC) if (w, h) != (size, size) else img
+    elif resize_mode == "longest":
+        scale = size / max(w, h)
+        new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
+        resized = img.resize((new_w, new_h), Image.BICUBIC) if (new_w, new_h) != (w, h) else img
+        img = Image.new("RGB", (size, size), (0, 0, 0))
+        img.paste(resized, ((size - new_w) // 2, (size - new_h) // 2))
     else:
-        new_w, new_h = int(size * w / h), size
-    if (new_w, new_h) != (w, h):
-        img = img.resize((new_w, new_h), Image.BICUBIC)
-    left = int(round((new_w - size) / 2.0))
-    top = int(round((new_h - size) / 2.0))
-    img = img.crop((left, top, left + size, top + size))
+        if w <= h:
+            new_w, new_h = size, int(size * h / w)
+        else:
+            new_w, new_h = int(size * w / h), size
+        if (new_w, new_h) != (w, h):
+            img = img.resize((new_w, new_h), Image.BICUBIC)
+        left = int(round((new_w - size) / 2.0))
+        top = int(round((new_h - size) / 2.0))
+        img = img.crop((left, top, left + size, top + size))
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
 
 

@@ -49,6 +49,15 @@ METHOD_SOURCES: dict[str, str] = {
     "bifta": SENTENCES_FILE,
 }
 METHODS: tuple[str, ...] = tuple(METHOD_SOURCES)
+#: The optional label-set files each method reads (classes.json is always read).
+METHOD_FILES: dict[str, frozenset[str]] = {
+    "clip": frozenset(),
+    "clip-e": frozenset({TEMPLATES_FILE}),
+    "clip-d": frozenset({DESCRIPTORS_FILE}),
+    "cupl": frozenset({SENTENCES_FILE}),
+    "wca": frozenset({SENTENCES_FILE}),
+    "bifta": frozenset({SENTENCES_FILE, POOL_FILE}),
+}
 
 
 def key_of(name: str) -> str:
@@ -325,8 +334,14 @@ def _names(items: Sequence[str], limit: int = 8) -> str:
 # Loading
 
 
-def load_label_set(spec: str, name: str | None = None, *, merge_duplicates: bool = False) -> LabelSet:
+def load_label_set(
+    spec: str, name: str | None = None, *, merge_duplicates: bool = False, needed: Iterable[str] | None = None
+) -> LabelSet:
     """Load and validate a label set from a folder, a class-list file, or ``"a,b,c"``.
+
+    Every file present is validated strictly unless ``needed`` names the files the caller will use
+    (see :data:`METHOD_FILES`): then a broken file outside that set is dropped with a warning, so
+    e.g. an incomplete ``clip-d.json`` never blocks ``--method bifta``.
 
     Duplicate class names (after :func:`key_of`) are an error naming them unless
     ``merge_duplicates`` keeps the first of each (the published Places365 list has 365 entries but 344 distinct names).
@@ -335,7 +350,7 @@ def load_label_set(spec: str, name: str | None = None, *, merge_duplicates: bool
         raise LabelSetError("empty --labels value")
     spec = spec.strip()
     if _isdir(spec):
-        return _load_folder(spec, name, merge_duplicates)
+        return _load_folder(spec, name, merge_duplicates, None if needed is None else frozenset(needed))
     if _exists(spec):
         if spec.lower().endswith(".json"):
             raw = _read_json(spec)
@@ -376,7 +391,7 @@ def _finish(names, syn, name, source, merge_duplicates, plain, **files) -> Label
     return LabelSet(name=name, source=source, classes=names, synonyms=syn, is_plain_list=plain, **files)
 
 
-def _load_folder(folder: str, name: str | None, merge_duplicates: bool) -> LabelSet:
+def _load_folder(folder: str, name: str | None, merge_duplicates: bool, needed: frozenset[str] | None) -> LabelSet:
     label_name = name or _stem(folder)
     classes_path = _join(folder, CLASSES_FILE)
     if not _exists(classes_path):
@@ -389,15 +404,28 @@ def _load_folder(folder: str, name: str | None, merge_duplicates: bool) -> Label
         names, syn = merge_duplicate_classes(names, syn)
         logger.warning("label set '%s': merged %d repeated class names (%s)", label_name, len(dups), _names(dups, 5))
 
+    def lenient(filename: str, parse):
+        """Parse a file; a broken one that this run does not need is dropped with a warning."""
+        try:
+            return parse()
+        except LabelSetError as exc:
+            if needed is None or filename in needed:
+                raise
+            logger.warning("label set '%s': ignoring %s, which this method does not use: %s", label_name, filename, exc)
+            return None
+
     def optional(filename: str) -> dict[str, tuple[str, ...]] | None:
         path = _join(folder, filename)
         if not _exists(path):
             return None
-        return parse_texts_per_class(_read_json(path), names, syn, path)
+        return lenient(filename, lambda: parse_texts_per_class(_read_json(path), names, syn, path))
 
     templates_path = _join(folder, TEMPLATES_FILE)
-    has_templates = _exists(templates_path)
-    templates = parse_templates(_read_json(templates_path), templates_path) if has_templates else tuple(default_templates())
+    templates = None
+    if _exists(templates_path):
+        templates = lenient(TEMPLATES_FILE, lambda: parse_templates(_read_json(templates_path), templates_path))
+    has_templates = templates is not None
+    templates = templates if has_templates else tuple(default_templates())
     return LabelSet(
         name=label_name,
         source=folder,

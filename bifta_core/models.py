@@ -67,8 +67,17 @@ def _looks_like_path(value: str) -> bool:
     )
 
 
+_PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy", "HF_ENDPOINT")
+
+
 def _hub_reachable(timeout: float = 3.0) -> bool:
-    """One quick TCP probe, so an offline machine fails in seconds instead of minutes of retries."""
+    """One quick TCP probe, so an offline machine fails in seconds instead of minutes of retries.
+
+    Behind a proxy or a hub mirror a direct connection proves nothing, so the probe is skipped
+    (and the hub client's own timeouts apply).
+    """
+    if any(os.environ.get(v) for v in _PROXY_VARS):
+        return True
     for host, port in _HUB_HOSTS:
         try:
             with socket.create_connection((host, port), timeout=timeout):
@@ -113,16 +122,54 @@ class ResolvedWeights:
     identity: str  # changes whenever the weights change
 
 
+@lru_cache(maxsize=64)
+def _content_digest(path: str, size: int, mtime_ns: int) -> str:
+    """sha256 of a file, cached per (path, size, mtime) so a process hashes each checkpoint once."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def _file_identity(path: str) -> str:
+    """Identity by content, not path or mtime: a copy of the same checkpoint elsewhere is the same model."""
     st = os.stat(path)
-    return f"file:{os.path.realpath(path)}:{st.st_size}:{int(st.st_mtime)}"
+    return f"sha256:{_content_digest(os.path.realpath(path), st.st_size, st.st_mtime_ns)}"
 
 
-def resolve_pretrained(model_name: str, pretrained: str, cache_dir: str | None = None) -> ResolvedWeights:
+def _remote_identity(uri: str) -> str:
+    """Identity of a remote checkpoint from its metadata (ETag, else size): no download needed."""
+    from bifta_core import storage
+
+    try:
+        fs, path = storage.get_fs(uri)
+        info = fs.info(path)
+    except FileNotFoundError:
+        raise ModelLoadError(f"checkpoint not found: {uri} (--pretrained)") from None
+    except Exception as exc:  # transport/permission problems are the user's to fix
+        raise ModelLoadError(f"cannot reach checkpoint {uri} (--pretrained): {_first_line(exc)}") from None
+    tag = info.get("ETag") or info.get("etag") or info.get("size")
+    return f"uri:{uri}:{str(tag).strip(chr(34))}"
+
+
+def _canonical_tag(model_name: str, pretrained: str) -> str | None:
+    import open_clip
+
+    for tag in open_clip.list_pretrained_tags_by_model(model_name):
+        if tag.lower() == pretrained.lower():
+            return tag
+    return None
+
+
+def resolve_pretrained(
+    model_name: str, pretrained: str, cache_dir: str | None = None, *, download: bool = True
+) -> ResolvedWeights:
     """Turn the user's ``--pretrained`` value into a local file, a hub tag, or random weights.
 
-    Raises :class:`ModelLoadError` with a one-line message naming ``--pretrained`` when the weights
-    cannot be had (missing file, unknown tag, failed download).
+    ``download=False`` resolves a remote checkpoint's identity from its metadata only (what the
+    driver needs for cache keys). Raises :class:`ModelLoadError` with a one-line message naming
+    ``--pretrained`` when the weights cannot be had (missing file, unknown tag, failed download).
     """
     import open_clip
 
@@ -133,21 +180,25 @@ def resolve_pretrained(model_name: str, pretrained: str, cache_dir: str | None =
     if "://" in pretrained and not pretrained.startswith("file://"):
         from bifta_core import storage
 
+        identity = _remote_identity(pretrained)
+        if not download:
+            return ResolvedWeights("file", pretrained, identity)
         try:
             local = storage.cached_download(pretrained, cache_dir=cache_dir)
         except Exception as exc:  # storage raises StorageError; anything else is a transport failure
             raise ModelLoadError(f"cannot fetch checkpoint {pretrained} (--pretrained): {exc}") from exc
-        return ResolvedWeights("file", local, _file_identity(local) + f":{pretrained}")
+        return ResolvedWeights("file", local, identity)
     local_candidate = os.path.expanduser(pretrained.removeprefix("file://"))
     if os.path.isfile(local_candidate):
         return ResolvedWeights("file", local_candidate, _file_identity(local_candidate))
     if os.path.isdir(local_candidate):
         raise ModelLoadError(f"--pretrained {pretrained} is a folder; point it at the checkpoint file inside")
-    tags = open_clip.list_pretrained_tags_by_model(model_name)
-    if pretrained in tags or pretrained.lower() in tags:
-        return ResolvedWeights("tag", pretrained, f"tag:{model_name}:{pretrained}")
+    tag = _canonical_tag(model_name, pretrained)
+    if tag is not None:
+        return ResolvedWeights("tag", tag, f"tag:{model_name}:{tag}")
     if _looks_like_path(pretrained):
         raise ModelLoadError(f"checkpoint file not found: {pretrained} (--pretrained)")
+    tags = open_clip.list_pretrained_tags_by_model(model_name)
     known = ", ".join(tags) if tags else "none — pass a checkpoint path"
     raise ModelLoadError(
         f"unknown pretrained tag '{pretrained}' for {model_name} (--pretrained); known tags: {known}"
@@ -367,17 +418,35 @@ def model_identity(model_name: str, pretrained: str, cache_dir: str | None = Non
     arch = model_name.replace("/", "-")
     if arch not in _known_architectures():
         raise ModelLoadError(f"unknown model architecture '{model_name}' (--model); see open_clip.list_models() for names")
-    return f"{arch}|{resolve_pretrained(arch, pretrained, cache_dir=cache_dir).identity}"
+    return f"{arch}|{resolve_pretrained(arch, pretrained, cache_dir=cache_dir, download=False).identity}"
+
+
+def model_preprocess(model_name: str, pretrained: str = RANDOM_WEIGHTS) -> dict:
+    """The model's eval preprocessing (size, mean, std, resize_mode…) without building it.
+
+    Same precedence as open_clip's factory: defaults, the architecture's ``preprocess_cfg``, the
+    pretrained tag's settings, and the vision tower's image size.
+    """
+    import dataclasses
+
+    import open_clip
+    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+
+    register_bundled_configs()
+    arch = model_name.replace("/", "-")
+    model_cfg = open_clip.get_model_config(arch) or {}
+    cfg = merge_preprocess_dict(dataclasses.asdict(PreprocessCfg()), model_cfg.get("preprocess_cfg", {}))
+    tag = _canonical_tag(arch, pretrained) if pretrained else None
+    if tag is not None:
+        cfg = merge_preprocess_dict(cfg, open_clip.get_pretrained_cfg(arch, tag))
+    size = model_cfg.get("vision_cfg", {}).get("image_size", cfg["size"])
+    cfg["size"] = int(size[0] if isinstance(size, (tuple, list)) else size)
+    return cfg
 
 
 def model_input_size(model_name: str) -> int:
     """The image tower's input side from the architecture config (no weights needed)."""
-    import open_clip
-
-    register_bundled_configs()
-    cfg = open_clip.get_model_config(model_name.replace("/", "-")) or {}
-    size = cfg.get("vision_cfg", {}).get("image_size", 224)
-    return int(size[0] if isinstance(size, (tuple, list)) else size)
+    return model_preprocess(model_name)["size"]
 
 
 def is_vit_architecture(model_name: str) -> bool:

@@ -26,6 +26,8 @@ logger = logging.getLogger("bifta.text_banks")
 
 #: Methods whose bank carries WCA description weights.
 WEIGHTED_METHODS = ("wca", "bifta")
+#: Methods whose texts are LLM sentences (``cupl.json``), so refinement may draw on ``llm-pool.json``.
+SENTENCE_METHODS = ("cupl", "wca", "bifta")
 
 
 @dataclass(frozen=True)
@@ -110,7 +112,9 @@ def build_label_set_embeddings(
     """Encode the class prompts and every bank in ``specs`` (refining where asked)."""
     per_bank_texts: dict[str, list[list[str]]] = {}
     for spec in specs:
-        per_bank_texts[spec.key] = label_set.refinement_pool() if spec.refine else label_set.texts_for(spec.method)
+        # Sentence methods refine BiFTA's pool (cupl ∪ llm-pool); others refine their own texts.
+        use_pool = spec.refine and spec.method in SENTENCE_METHODS
+        per_bank_texts[spec.key] = label_set.refinement_pool() if use_pool else label_set.texts_for(spec.method)
     prompts = label_set.class_prompts()
     all_texts = list(prompts)
     for texts in per_bank_texts.values():

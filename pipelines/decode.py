@@ -9,10 +9,14 @@ from __future__ import annotations
 from bifta_core.images import DecodedImage, ImageDecodeError, decode_image
 
 
-def decode_or_error(data: bytes, *, max_pixels: int, min_side: int | None) -> tuple[DecodedImage | None, str | None]:
+def decode_or_error(
+    data: bytes, *, max_pixels: int, min_side: int | None, whole_size: int | None = None,
+    resize_mode: str = "shortest",
+) -> tuple[DecodedImage | None, str | None]:
     """Decode one image; a failure returns ``(None, reason)`` instead of raising."""
     try:
-        return decode_image(data, max_pixels=max_pixels, min_side=min_side), None
+        return decode_image(data, max_pixels=max_pixels, min_side=min_side, whole_size=whole_size,
+                            resize_mode=resize_mode), None
     except ImageDecodeError as exc:
         return None, str(exc)
     except MemoryError:

@@ -17,8 +17,8 @@ from bifta_core.models import ClipModel, load_model
 from bifta_core.predict import ScoreParams
 from bifta_core.seeding import generator_for
 from bifta_core.text_banks import LabelSetEmbeddings
-from bifta_core.views import crop_resize_tensor
 from pipelines.score import ROW_COLUMNS, RowContext, Scorer, build_rows
+from pipelines.views import cut_crops
 
 
 def _pixels(blob: bytes, shape: tuple[int, ...]) -> torch.Tensor:
@@ -56,7 +56,7 @@ class ViewEncoder:
             start += n
             if n:
                 g = generator_for(self.seed, f"{image_id}:pgs")
-                parts.append(select_patches(chunk.cpu(), self.model.mean, self.model.std, self._patch,
+                parts.append(select_patches(chunk, self.model.mean, self.model.std, self._patch,
                                             self._pgs_config, g))
         return torch.cat(parts)
 
@@ -75,17 +75,26 @@ class ViewEncoder:
         return self._encode_chunks(pix, keep)
 
     def encode_views(
-        self, work: list[bytes], work_hw: list[tuple[int, int]], boxes: list[bytes], image_ids: list[str]
+        self, work: list[bytes], work_hw: list[tuple[int, int]], boxes: list[bytes], image_ids: list[str],
+        crops: list[bytes] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """→ ``view_emb [B,Vmax,D]`` and ``view_mask [B,Vmax]`` (ragged views per image)."""
+        """→ ``view_emb [B,Vmax,D]`` and ``view_mask [B,Vmax]`` (ragged views per image).
+
+        Each image arrives either as its working image plus boxes (crops cut here, on the encoder's
+        device) or, when that is smaller, as crops already cut by the views stage.
+        """
         size = self.model.image_size
-        crops, counts = [], []
-        for blob, (h, w), box_blob in zip(work, work_hw, boxes):
-            b = torch.from_numpy(np.frombuffer(box_blob, dtype=np.int32).reshape(-1, 4).astype(np.int64))
-            image = _pixels(blob, (int(h), int(w), 3)).permute(2, 0, 1).to(self.model.device)
-            crops.append(crop_resize_tensor(image, b.to(self.model.device), size))
+        crops = crops or [b""] * len(work)
+        views, counts = [], []
+        for blob, (h, w), box_blob, cut in zip(work, work_hw, boxes, crops):
+            b = np.frombuffer(box_blob, dtype=np.int32).reshape(-1, 4)
+            if cut:
+                views.append(_pixels(cut, (b.shape[0], 3, size, size)).to(self.model.device))
+            else:
+                image = _pixels(blob, (int(h), int(w), 3)).to(self.model.device)
+                views.append(cut_crops(image, b, size))
             counts.append(int(b.shape[0]))
-        flat = self.model.normalize_pixels(torch.cat(crops))
+        flat = self.model.normalize_pixels(torch.cat(views))
         emb = self._encode_chunks(flat, self._keep_idx(flat, image_ids, counts))
         vmax = max(counts)
         view_emb = torch.zeros(len(counts), vmax, emb.shape[1], device=emb.device)
@@ -146,7 +155,7 @@ class EncodeStage:
             if self.uses_views:
                 view_emb, view_mask = self.encoder.encode_views(
                     [batch["work"][i] for i in ok], [tuple(batch["work_hw"][i]) for i in ok],
-                    [batch["boxes"][i] for i in ok], ids,
+                    [batch["boxes"][i] for i in ok], ids, [batch["crops"][i] for i in ok],
                 )
             predictions = self.scorer.predict(image_emb, view_emb, view_mask)
         meta = {k: list(batch[k]) for k in ("image_id", "uri", "status", "error", "views_generated", "views_kept")}

@@ -81,13 +81,30 @@ def _folder_inputs(root: str) -> pa.Table:
     return pa.table({"image_id": ids, "uri": files})
 
 
+def _glob_root(pattern: str) -> str:
+    """The fixed directory part of a glob (everything before the first component with a wildcard)."""
+    parts = pattern.split("/")
+    fixed = []
+    for part in parts[:-1]:
+        if _has_glob(part):
+            break
+        fixed.append(part)
+    return "/".join(fixed)
+
+
 def _glob_inputs(pattern: str) -> pa.Table:
     if storage.is_remote(pattern):
         files = storage.glob(pattern)
+        root = _glob_root(pattern)
     else:
-        files = sorted(os.path.abspath(p) for p in globlib.glob(os.path.expanduser(pattern), recursive=True))
+        absolute = os.path.abspath(os.path.expanduser(pattern))
+        files = sorted(os.path.abspath(p) for p in globlib.glob(absolute, recursive=True))
+        root = _glob_root(absolute)
     files = [f for f in files if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
-    return pa.table({"image_id": files, "uri": files})
+    # Ids relative to the glob's fixed root: the same images keep the same ids from any working dir.
+    prefix = root.rstrip("/") + "/"
+    ids = [f[len(prefix):] if root and f.startswith(prefix) else f for f in files]
+    return pa.table({"image_id": ids, "uri": files})
 
 
 def list_inputs(spec: str, limit: int | None = None) -> pa.Table:
@@ -101,7 +118,7 @@ def list_inputs(spec: str, limit: int | None = None) -> pa.Table:
     remote = storage.is_remote(spec)
     local = os.path.abspath(os.path.expanduser(spec)) if not remote else spec
     if _has_glob(spec):
-        table = _glob_inputs(spec if remote else os.path.expanduser(spec))
+        table = _glob_inputs(spec)
     elif spec.lower().endswith(MANIFEST_EXTENSIONS):
         if not storage.exists(local):
             raise InputError(f"manifest not found: {spec}")

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass, field
 
 import ray
 
 from bifta_core.config import LabelConfig
 from bifta_core.errors import LabelSetError
 from bifta_core.labelset_artifact import load_artifact, save_artifact
-from bifta_core.labelsets import LabelSet, load_label_set
+from bifta_core.labelsets import METHOD_FILES, LabelSet, load_label_set
 from bifta_core.models import load_model, model_identity
 from bifta_core.text_banks import BankSpec, LabelSetEmbeddings, build_label_set_embeddings, content_hash
 
@@ -56,50 +57,71 @@ def _encode_label_sets(label_sets: list[LabelSet], model_cfg: dict, specs: list[
 
 def load_label_sets(config: LabelConfig) -> list[LabelSet]:
     """Load and validate every ``--labels`` (no Ray, no model): a bad label set fails before start-up."""
-    loaded = [load_label_set(path, name, merge_duplicates=config.merge_duplicate_classes)
+    needed = METHOD_FILES[config.method]
+    loaded = [load_label_set(path, name, merge_duplicates=config.merge_duplicate_classes, needed=needed)
               for name, path in config.label_specs()]
     for ls in loaded:
         ls.texts_for(config.method)  # raises LabelSetError naming the file this method needs
     return loaded
 
 
-def prepare_label_sets(config: LabelConfig, model_cfg: dict, *, num_gpus: float = 0,
-                       loaded: list[LabelSet] | None = None) -> list[LabelSetEmbeddings]:
-    """Load every ``--labels`` and ``--labelset-artifact``; encode only what the cache lacks.
+@dataclass
+class LabelSetPlan:
+    """What the label-set stage will produce, known before any text is encoded.
 
-    ``loaded`` is :func:`load_label_sets`'s result when the caller has already validated them.
+    Per label set: its content hash (the run id depends on it), and either a ready embedding (an
+    artifact or a cache hit) or the validated label set still to encode.
     """
+
+    hashes: list[str]
+    ready: dict[int, LabelSetEmbeddings] = field(default_factory=dict)
+    missing: list[tuple[int, LabelSet, str, str | None]] = field(default_factory=list)
+
+
+def plan_label_sets(config: LabelConfig, loaded: list[LabelSet] | None = None) -> LabelSetPlan:
+    """Hash every label set, read artifacts and cache hits; encode nothing yet."""
     specs = bank_specs(config)
     identity = model_identity(config.model.model, config.model.pretrained, config.model.cache_dir)
-    ready: dict[int, LabelSetEmbeddings] = {}
-    missing: list[tuple[int, LabelSet, str, str | None]] = []
-    entries = config.label_specs()
     if loaded is None:
         loaded = load_label_sets(config)
+    plan = LabelSetPlan(hashes=[])
     for i, ls in enumerate(loaded):
         digest = content_hash(ls, identity, specs, config.text_scale)
+        plan.hashes.append(digest)
         cache = _cache_path(config, digest)
         if cache and os.path.exists(cache):
             try:
                 emb = load_artifact(cache)
                 emb.name = ls.name
-                ready[i] = emb
+                plan.ready[i] = emb
                 logger.info("label set '%s': %d classes from cache %s (no text encoded)", ls.name, ls.num_classes, cache)
                 continue
             except LabelSetError as exc:
                 logger.warning("ignoring unreadable label-set cache %s: %s", cache, exc)
-        missing.append((i, ls, digest, cache))
-    if missing:
-        for _, ls, _, _ in missing:
+        plan.missing.append((i, ls, digest, cache))
+    for j, path in enumerate(config.labelset_artifacts):
+        emb = _artifact(path, config, identity, specs)
+        plan.ready[len(loaded) + j] = emb
+        plan.hashes.append(emb.content_hash)
+    return plan
+
+
+def prepare_label_sets(config: LabelConfig, model_cfg: dict, *, num_gpus: float = 0,
+                       plan: LabelSetPlan | None = None) -> list[LabelSetEmbeddings]:
+    """Every ``--labels`` and ``--labelset-artifact`` as embeddings; encodes only what the cache lacks."""
+    plan = plan or plan_label_sets(config)
+    ready = dict(plan.ready)
+    if plan.missing:
+        for _, ls, _, _ in plan.missing:
             logger.info("label set '%s': %d classes, refining and encoding descriptions", ls.name, ls.num_classes)
         task = _encode_label_sets.options(num_gpus=num_gpus)
-        built = ray.get(task.remote([m[1] for m in missing], model_cfg, specs, config.text_scale))
-        for (i, ls, digest, cache), emb in zip(missing, built):
+        built = ray.get(task.remote([m[1] for m in plan.missing], model_cfg, bank_specs(config), config.text_scale))
+        for (i, ls, digest, cache), emb in zip(plan.missing, built):
+            emb.content_hash = digest  # the driver's hash names it, whatever node encoded it
             if cache:
                 save_artifact(emb, cache)
             ready[i] = emb
-    artifacts = [_artifact(path, config, identity, specs) for path in config.labelset_artifacts]
-    result = [ready[i] for i in range(len(entries))] + artifacts
+    result = [ready[i] for i in range(len(plan.hashes))]
     names = [e.name for e in result]
     if len(set(names)) != len(names):
         raise LabelSetError(f"two label sets share the name(s) {sorted({n for n in names if names.count(n) > 1})}; "
@@ -115,10 +137,22 @@ def _artifact(path: str, config: LabelConfig, identity: str, specs: list[BankSpe
             f"label-set artifact {path} was built for {emb.model} ({emb.pretrained}), "
             f"this run uses {arch} ({config.model.pretrained}); rebuild it with `bifta labelset build`"
         )
+    built = {BankSpec(**d).key: BankSpec(**d) for d in emb.params.get("specs", [])}
     for spec in specs:
         if spec.key not in emb.banks:
             raise LabelSetError(
                 f"label-set artifact {path} has no '{spec.key}' descriptions (it has {sorted(emb.banks) or 'none'}); "
                 f"rebuild it with --method {config.method}"
+            )
+        have = built.get(spec.key)
+        if spec.refine and have is not None and (have.threshold, have.top_k) != (spec.threshold, spec.top_k):
+            raise LabelSetError(
+                f"label-set artifact {path} refined descriptions with --desc-threshold {have.threshold} "
+                f"--desc-top-k {have.top_k}, this run asks for {spec.threshold} / {spec.top_k}"
+            )
+    if spec_scale := emb.params.get("text_scale"):
+        if float(spec_scale) != float(config.text_scale):
+            raise LabelSetError(
+                f"label-set artifact {path} was built with --text-scale {spec_scale}, this run uses {config.text_scale}"
             )
     return emb

@@ -20,10 +20,10 @@ import ray
 
 from bifta_core.config import LabelConfig
 from bifta_core.errors import BiftaUserError, ConfigError
-from bifta_core.models import config_fingerprint, is_vit_architecture, model_input_size
+from bifta_core.models import config_fingerprint, is_vit_architecture, model_preprocess
 from pipelines.encode import EncodeStage
 from pipelines.inputs import list_inputs
-from pipelines.label_set import bank_specs, load_label_sets, prepare_label_sets
+from pipelines.label_set import bank_specs, load_label_sets, plan_label_sets, prepare_label_sets
 from pipelines.read import read_batch
 from pipelines.views import ViewStage
 from pipelines.write import RUN_FILE, SUMMARY_FILE, ResultWriter, completed_ids, output_schema, read_json, write_json
@@ -60,10 +60,17 @@ def model_config(config: LabelConfig) -> dict[str, Any]:
 
 
 def run_id_for(config: LabelConfig, label_set_hashes: list[str]) -> str:
-    """Deterministic run id: the same settings give the same id, so resumed rows are identical."""
+    """Deterministic run id over the settings *in force* (presets resolved), so the same rows
+    always carry the same id and a resumed run matches the run it resumes."""
     payload = {k: getattr(config, k) for k in _ROW_FIELDS}
-    payload["model"] = dataclasses.asdict(config.model) | {"device": None, "precision": None, "cache_dir": None}
-    payload["label_sets"] = label_set_hashes
+    payload.update(
+        views=dataclasses.asdict(config.view_preset()) if config.uses_views else None,
+        refine_descriptions=config.refines_descriptions if config.method != "clip" else None,
+        model={"model": config.model.model, "pretrained": config.model.pretrained},
+        label_sets=label_set_hashes,
+    )
+    for key in ("num_views", "max_views", "iou_threshold", "scale"):
+        payload.pop(key, None)  # folded into ``views``
     return config_fingerprint(payload)[:16]
 
 
@@ -78,6 +85,17 @@ def _unwrap(exc: BaseException) -> BaseException:
             return cause
         seen = cause
     return exc
+
+
+def _check_encoders(config: LabelConfig, gpus: int, cpus: int) -> None:
+    """More encode actors than the cluster can place would wait forever: refuse up front."""
+    n = config.num_encoders
+    if n is None:
+        return
+    if gpus and n > gpus:
+        raise ConfigError(f"--num-encoders {n} needs {n} GPUs, the cluster has {gpus}")
+    if not gpus and n > max(1, cpus - 1):
+        raise ConfigError(f"--num-encoders {n} needs {n} CPUs plus one for decoding, the cluster has {cpus}")
 
 
 def _check_out(config: LabelConfig, run_id: str) -> None:
@@ -114,10 +132,12 @@ def _run(config, inputs: pa.Table, started: float, on_progress, loaded=None) -> 
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
     cpus = max(1, int(resources.get("CPU", 1)))
+    _check_encoders(config, gpus, cpus)
     mcfg = model_config(config)
-    label_sets = prepare_label_sets(config, mcfg, num_gpus=1 if gpus else 0, loaded=loaded)
-    run_id = run_id_for(config, [ls.content_hash for ls in label_sets])
-    _check_out(config, run_id)
+    plan = plan_label_sets(config, loaded)
+    run_id = run_id_for(config, plan.hashes)
+    _check_out(config, run_id)  # before any text is encoded
+    label_sets = prepare_label_sets(config, mcfg, num_gpus=1 if gpus else 0, plan=plan)
     write_json(config.out, RUN_FILE, {"run_id": run_id, "config": config.to_dict()})
 
     done = completed_ids(config.out)
@@ -197,7 +217,8 @@ def _dataset(config, todo: pa.Table, label_sets, run_id, gpus, cpus, mcfg, schem
     chunk = max(config.batch_size * 2, math.ceil(n / 5000))
     ds = ray.data.from_arrow([todo.slice(i, chunk) for i in range(0, n, chunk)])
 
-    image_size = model_input_size(config.model.model)
+    preprocess = model_preprocess(config.model.model, config.model.pretrained)
+    image_size = preprocess["size"]
     preset = dataclasses.asdict(config.view_preset()) if config.uses_views else None
     encoders = config.num_encoders or (gpus if gpus else 1)
     if gpus:
@@ -212,7 +233,8 @@ def _dataset(config, todo: pa.Table, label_sets, run_id, gpus, cpus, mcfg, schem
     ds = ds.map_batches(read_batch, batch_size=config.batch_size, batch_format="numpy", num_cpus=0.25)
     ds = ds.map_batches(
         ViewStage,
-        fn_constructor_kwargs=dict(image_size=image_size, preset=preset, seed=config.seed, max_pixels=config.max_pixels),
+        fn_constructor_kwargs=dict(image_size=image_size, preset=preset, seed=config.seed, max_pixels=config.max_pixels,
+                                   resize_mode=preprocess["resize_mode"]),
         batch_size=config.batch_size,
         batch_format="numpy",
         compute=ActorPoolStrategy(min_size=1, max_size=view_workers),

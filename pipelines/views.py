@@ -12,13 +12,27 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 
-from bifta_core.images import boxes_to_working, whole_image_pixels, working_min_side
+from bifta_core.images import boxes_to_working, working_min_side
 from bifta_core.seeding import generator_for
-from bifta_core.views import ViewPreset, refine_boxes, sample_boxes
+from bifta_core.views import ViewPreset, crop_resize_tensor, refine_boxes, sample_boxes
 from pipelines.decode import decode_or_error
 
 _EMPTY = b""
+
+
+def cut_crops(pixels: np.ndarray | torch.Tensor, boxes: np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
+    """Views of an HWC uint8 image at model resolution as uint8 ``[n,3,S,S]`` (any device).
+
+    The one crop path for both places crops are cut (here on CPU, or in the encoder on its device),
+    rounded to 8 bits so both give identical pixels.
+    """
+    image = torch.as_tensor(pixels).permute(2, 0, 1)
+    if isinstance(boxes, np.ndarray):  # often a read-only view of Arrow bytes: copy, never alias
+        boxes = torch.from_numpy(np.array(boxes, dtype=np.int64))
+    b = boxes.to(image.device, torch.int64).reshape(-1, 4)
+    return crop_resize_tensor(image, b, size).round_().clamp_(0, 255).to(torch.uint8)
 
 
 class ViewStage:
@@ -30,8 +44,9 @@ class ViewStage:
     """
 
     def __init__(self, *, image_size: int, preset: dict | None, seed: int, max_pixels: int,
-                 all_views: bool = False) -> None:
+                 all_views: bool = False, resize_mode: str = "shortest") -> None:
         self.image_size = image_size
+        self.resize_mode = resize_mode
         self.preset = ViewPreset(**{**preset, "scale": tuple(preset["scale"])}) if preset else None
         self.seed = seed
         self.max_pixels = max_pixels
@@ -59,21 +74,28 @@ class ViewStage:
         whole, work, work_hw, boxes = [_EMPTY] * n, [_EMPTY] * n, [[0, 0]] * n, [_EMPTY] * n
         generated, kept = [0] * n, [0] * n
         kept_masks = [_EMPTY] * n
+        crops = [_EMPTY] * n
         for i in range(n):
             if status[i] != "ok":
                 continue
-            decoded, reason = decode_or_error(batch["data"][i], max_pixels=self.max_pixels, min_side=self.min_side)
+            decoded, reason = decode_or_error(batch["data"][i], max_pixels=self.max_pixels, min_side=self.min_side,
+                                              whole_size=self.image_size, resize_mode=self.resize_mode)
             if decoded is None:
                 status[i], error[i] = "error", reason
                 continue
-            whole[i] = whole_image_pixels(decoded.pixels, self.image_size).numpy().tobytes()
+            whole[i] = decoded.whole.numpy().tobytes()
             if self.preset is not None:
                 b, generated[i], mask = self._views(str(batch["image_id"][i]), decoded)
                 kept[i] = int(mask.sum())
                 kept_masks[i] = mask.tobytes()
                 boxes[i] = b.tobytes()
-                work[i] = decoded.pixels.tobytes()
-                work_hw[i] = list(decoded.pixels.shape[:2])
+                s = self.image_size
+                if b.shape[0] * 3 * s * s < decoded.pixels.size:
+                    # The crops are smaller than the decoded image: ship those (bounded by views × S²).
+                    crops[i] = cut_crops(decoded.pixels, b, s).numpy().tobytes()
+                else:
+                    work[i] = decoded.pixels.tobytes()
+                    work_hw[i] = list(decoded.pixels.shape[:2])
         out = {k: v for k, v in batch.items() if k != "data"}
         out.update(
             status=np.array(status, dtype=object),
@@ -82,6 +104,7 @@ class ViewStage:
             work=np.array(work, dtype=object),
             work_hw=np.array(work_hw, dtype=np.int32).reshape(n, 2),
             boxes=np.array(boxes, dtype=object),
+            crops=np.array(crops, dtype=object),
             views_generated=np.array(generated, dtype=np.int32),
             views_kept=np.array(kept, dtype=np.int32),
         )

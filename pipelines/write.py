@@ -69,26 +69,25 @@ def part_files(out: str) -> list[str]:
 
 
 def completed_ids(out: str) -> set[str]:
-    """Image ids already written under ``out`` (what a resumed run skips)."""
+    """Image ids already written under ``out`` (what a resumed run skips).
+
+    Files are read through the storage layer's retries, so a transient S3 error stops the run
+    (rerun to resume) instead of being mistaken for a damaged file. Only a file that reads but does
+    not parse as Parquet — impossible for files this writer published — is moved aside and redone.
+    """
     done: set[str] = set()
     for path in part_files(out):
+        data = storage.read_bytes(path)
         try:
-            table = _read_parquet(path, columns=["image_id"])
-        except (OSError, pa.ArrowInvalid) as exc:
-            # Published files are complete by construction; an unreadable one is moved aside and redone.
-            logger.warning("output file %s is unreadable (%s); its images will be labelled again", path, exc)
-            storage.write_bytes_atomic(path + ".corrupt", storage.read_bytes(path))
+            table = pq.read_table(pa.BufferReader(data), columns=["image_id"])
+        except (pa.ArrowInvalid, OSError) as exc:
+            logger.warning("output file %s is not valid Parquet (%s); moved aside, its images are labelled again",
+                           path, str(exc).splitlines()[0])
+            storage.write_bytes_atomic(path + ".corrupt", data)
             storage.remove(path)
             continue
         done.update(table.column("image_id").to_pylist())
     return done
-
-
-def _read_parquet(path: str, columns: list[str] | None = None) -> pa.Table:
-    if storage.is_remote(path):
-        fs, p = storage.get_arrow_fs(path)
-        return pq.read_table(p, filesystem=fs, columns=columns)
-    return pq.read_table(path, columns=columns)
 
 
 def read_json(out: str, name: str) -> dict[str, Any] | None:

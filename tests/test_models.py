@@ -96,8 +96,24 @@ def test_file_uri_and_identity(tiny_vit_checkpoint):
     assert resolved.kind == "file"
     assert resolved.source == str(tiny_vit_checkpoint)
     model = load_model("bifta-tiny-vit", str(tiny_vit_checkpoint), device="cpu")
-    assert model.identity.startswith("bifta-tiny-vit|file:")
+    assert model.identity.startswith("bifta-tiny-vit|sha256:")
     assert model.identity != load_model("bifta-tiny-vit", "random", device="cpu").identity
+
+
+def test_checkpoint_identity_follows_content_not_path_or_mtime(tiny_vit_checkpoint, tmp_path):
+    """A copy of the same weights (another node's download cache, say) is the same model for caches
+    and resume; changed weights are not."""
+    import os
+    import shutil
+
+    copy = tmp_path / "copy.pt"
+    shutil.copy(tiny_vit_checkpoint, copy)
+    os.utime(copy, (1, 1))
+    same = resolve_pretrained("bifta-tiny-vit", str(copy)).identity
+    assert same == resolve_pretrained("bifta-tiny-vit", str(tiny_vit_checkpoint)).identity
+    changed = tmp_path / "changed.pt"
+    changed.write_bytes(copy.read_bytes() + b"\0")
+    assert resolve_pretrained("bifta-tiny-vit", str(changed)).identity != same
 
 
 # ------------------------------------------------------------------------------ random weights
