@@ -70,7 +70,11 @@ class LabelConfig:
     pgs_keep: float | None = None  # CLIP-PGS keep ratio for view encodes (None = off)
     pgs_whole_image: bool = False  # also apply PGS to the whole-image encode
     explain: bool = True
-    shard_size: int = 256  # rows per output file (upper bound)
+    shard_size: int = 256  # images per output file (upper bound)
+    # S3 settings as flags (else the standard AWS environment); never credentials
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+    s3_anon: bool = False
 
     # ------------------------------------------------------------------ resolution
     @property

@@ -205,6 +205,19 @@ def _region() -> str | None:
     return None
 
 
+def s3_env(endpoint_url: str | None = None, region: str | None = None, anon: bool = False) -> dict[str, str]:
+    """The environment variables that carry S3 flags (``--s3-endpoint-url`` …) to this process and
+    to Ray workers; credentials are never among them (botocore resolves those in each process)."""
+    env: dict[str, str] = {}
+    if endpoint_url:
+        env["AWS_ENDPOINT_URL"] = endpoint_url
+    if region:
+        env["AWS_REGION"] = env["AWS_DEFAULT_REGION"] = region
+    if anon:
+        env["BIFTA_S3_ANON"] = "1"
+    return env
+
+
 def s3_options(anon: bool | None = None) -> dict[str, Any]:
     """s3fs storage options derived from the standard AWS environment.
 

@@ -9,7 +9,10 @@ images. Targets (exit 1 when one is missed):
 * driver memory: peak RSS of the driver process (sampled from ``/proc/self/status`` ``VmRSS`` by a
   thread) grows by at most ``--max-rss-growth`` (20 %) or ``--max-rss-growth-mb`` (150 MB);
 * the label-set stage costs the same for N and factor×N images (≤ 1.5× + 0.5 s);
-* the runs after the warm-up encode no text (label-set cache hit).
+* the runs after the warm-up encode no text (label-set cache hit);
+* every run labels every image with no error row (error rows are cheap and would flatter throughput).
+
+Flags are checked before any image is generated (a bad one is a ConfigError: one ``error:`` line, exit 2).
 
 The last printed line is one JSON object with every figure and target.
 """
@@ -34,6 +37,8 @@ import numpy as np
 from bifta_core.errors import ConfigError
 
 logger = logging.getLogger("bifta.bench")
+#: generated images are about this many pixels a side at least (the shapes drawn need room)
+MIN_IMAGE_SIDE = 32
 
 
 # ----------------------------------------------------------------------------- measurement
@@ -228,9 +233,33 @@ def add_scaling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-rss-growth-mb", type=float, default=150.0, help="allowed absolute driver RSS growth")
 
 
+def check_scaling_args(args: argparse.Namespace) -> None:
+    """Raise ConfigError for the first bad flag, before anything is generated or started."""
+    for flag, value in (("--n", args.n), ("--factor", args.factor), ("--batch-size", args.batch_size),
+                        ("--num-views", args.num_views)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be a positive integer, got {value}")
+    if args.image_side < MIN_IMAGE_SIDE:
+        raise ConfigError(f"--image-side must be at least {MIN_IMAGE_SIDE}, got {args.image_side}")
+    for flag, value in (("--min-throughput-ratio", args.min_throughput_ratio),
+                        ("--max-rss-growth", args.max_rss_growth), ("--max-rss-growth-mb", args.max_rss_growth_mb)):
+        if not value >= 0:  # also refuses nan
+            raise ConfigError(f"{flag} must be a non-negative number, got {value}")
+    # The label job's own checks (method, …) too, before minutes of image generation.
+    from bifta_core.config import LabelConfig, ModelConfig
+
+    LabelConfig(input="unused", labels=[args.labels or "unused"], out="unused", method=args.method,
+                num_views=args.num_views, batch_size=args.batch_size,
+                model=ModelConfig(model=args.model, pretrained=args.pretrained, device=args.device)).validate()
+
+
 def evaluate_targets(small: RunFigures, large: RunFigures, warm_cache_runs: list[RunFigures],
-                     args: argparse.Namespace) -> dict[str, Any]:
-    """Check the four targets; each entry has the measured value, the limit and ``ok``."""
+                     args: argparse.Namespace, expected: dict[str, int] | None = None) -> dict[str, Any]:
+    """Check the targets; each entry has the measured value, the limit and ``ok``.
+
+    ``expected`` (run name → images it should have labelled) adds the no-error-rows target over
+    ``small`` and ``large``.
+    """
     # Steady-state throughput on both sides: Ray start-up is a fixed cost that would flatter the large run.
     ratio = (large.steady_images_per_second / small.steady_images_per_second
              if small.steady_images_per_second else 0.0)
@@ -247,6 +276,12 @@ def evaluate_targets(small: RunFigures, large: RunFigures, warm_cache_runs: list
                                  "max_large_s": round(ls_limit, 4), "ok": large.label_set_seconds <= ls_limit},
         "label_set_cache_hit": {"runs": [r.name for r in warm_cache_runs],
                                 "ok": all(not r.text_encoded and r.cache_hits >= 1 for r in warm_cache_runs)},
+        **({} if expected is None else {"no_error_rows": {
+            "errors": {r.name: r.errors for r in (small, large)},
+            "images": {r.name: r.images for r in (small, large)},
+            "expected": {r.name: expected.get(r.name) for r in (small, large)},
+            "ok": all(r.errors == 0 and r.images == expected.get(r.name, r.images) for r in (small, large)),
+        }}),
     }
 
 
@@ -254,8 +289,7 @@ def run_scaling(args: argparse.Namespace) -> int:
     """Run the scaling benchmark; 0 when every target holds, 1 otherwise."""
     from bifta_core.config import LabelConfig, ModelConfig
 
-    if args.n < 1 or args.factor < 1:
-        raise ConfigError("--n and --factor must be positive integers")
+    check_scaling_args(args)
     work = args.work_dir or tempfile.mkdtemp(prefix="bifta-bench-scaling-")
     os.makedirs(work, exist_ok=True)
     bench_logger = logging.getLogger("bifta")
@@ -287,7 +321,8 @@ def run_scaling(args: argparse.Namespace) -> int:
         warm = _run_once("warm-up", config(small_manifest, os.path.join(work, "out-warm")), log)
         small = _run_once("N", config(small_manifest, os.path.join(work, "out-small")), log)
         large = _run_once(f"{args.factor}xN", config(large_manifest, os.path.join(work, "out-large")), log)
-        targets = evaluate_targets(small, large, [small, large], args)
+        targets = evaluate_targets(small, large, [small, large], args,
+                                   expected={small.name: args.n, large.name: big})
         ok = all(t["ok"] for t in targets.values())
         for name, t in targets.items():
             print(f"  {'PASS' if t['ok'] else 'FAIL'} {name}: " + ", ".join(f"{k}={v}" for k, v in t.items() if k != "ok"))

@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from bifta_core.errors import ModelLoadError
+from bifta_core.errors import ConfigError, ModelLoadError
 
 EXAMPLE_LABELSET = Path(__file__).parent / "examples" / "labelset"
 #: scikit-image sample -> true class in the example label set
@@ -70,6 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="ViT-B-32", help="open_clip architecture")
     parser.add_argument("--pretrained", default="openai", help="weights: tag, checkpoint path/URI, or random")
     parser.add_argument("--method", default="bifta", help="scoring method")
+    parser.add_argument("--num-views", type=int, default=None, help="views per image (default: the method's preset)")
+    parser.add_argument("--limit", type=int, default=None,
+                        help=f"label only the first N of the {len(EXAMPLE_PHOTOS)} photos")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
@@ -92,6 +95,11 @@ def run(args: argparse.Namespace) -> int:
     from jobs.label import _progress, format_summary
     from pipelines.pipeline import run_label_job
 
+    # Optional so a Namespace built by a caller without them (the Python API) still works.
+    num_views, limit = getattr(args, "num_views", None), getattr(args, "limit", None)
+    for flag, value in (("--num-views", num_views), ("--limit", limit)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be a positive integer, got {value}")
     out = Path(args.out).resolve()
     manifest = write_example_images(out / "images")
     pretrained = args.pretrained
@@ -104,6 +112,8 @@ def run(args: argparse.Namespace) -> int:
         out=str(out / "predictions"),
         method=args.method,
         model=ModelConfig(model=args.model, pretrained=pretrained),
+        num_views=num_views,
+        limit=limit,
     )
     summary = run_label_job(config, on_progress=None if args.quiet else _progress)
     print(format_summary(summary))

@@ -97,6 +97,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--no-explain", dest="explain", action="store_false", default=s,
                    help="skip the explanation column")
     e.add_argument("--quiet", action="store_true", help="no progress lines")
+    s3 = parser.add_argument_group("S3 (default: the standard AWS environment; credentials only from there)")
+    s3.add_argument("--s3-endpoint-url", default=s, help="S3-compatible endpoint, e.g. http://minio:9000")
+    s3.add_argument("--s3-region", default=s, help="S3 region")
+    s3.add_argument("--s3-anon", action="store_true", default=s, help="unsigned requests (public buckets)")
 
 
 def config_from_args(args: argparse.Namespace) -> LabelConfig:

@@ -107,14 +107,14 @@ def plan_label_sets(config: LabelConfig, loaded: list[LabelSet] | None = None) -
 
 
 def prepare_label_sets(config: LabelConfig, model_cfg: dict, *, num_gpus: float = 0,
-                       plan: LabelSetPlan | None = None) -> list[LabelSetEmbeddings]:
+                       plan: LabelSetPlan | None = None, remote: dict | None = None) -> list[LabelSetEmbeddings]:
     """Every ``--labels`` and ``--labelset-artifact`` as embeddings; encodes only what the cache lacks."""
     plan = plan or plan_label_sets(config)
     ready = dict(plan.ready)
     if plan.missing:
         for _, ls, _, _ in plan.missing:
             logger.info("label set '%s': %d classes, refining and encoding descriptions", ls.name, ls.num_classes)
-        task = _encode_label_sets.options(num_gpus=num_gpus)
+        task = _encode_label_sets.options(num_gpus=num_gpus, **(remote or {}))
         built = ray.get(task.remote([m[1] for m in plan.missing], model_cfg, bank_specs(config), config.text_scale))
         for (i, ls, digest, cache), emb in zip(plan.missing, built):
             emb.content_hash = digest  # the driver's hash names it, whatever node encoded it

@@ -87,6 +87,14 @@ def _unwrap(exc: BaseException) -> BaseException:
     return exc
 
 
+def worker_env(config: LabelConfig) -> dict[str, Any]:
+    """Ray remote args carrying the S3 flags to workers (empty when none were given)."""
+    from bifta_core import storage
+
+    env = storage.s3_env(config.s3_endpoint_url, config.s3_region, config.s3_anon)
+    return {"runtime_env": {"env_vars": env}} if env else {}
+
+
 def _check_encoders(config: LabelConfig, gpus: int, cpus: int) -> None:
     """More encode actors than the cluster can place would wait forever: refuse up front."""
     n = config.num_encoders
@@ -109,10 +117,13 @@ def _check_out(config: LabelConfig, run_id: str) -> None:
 
 def run_label_job(config: LabelConfig, *, on_progress: Callable[[dict], None] | None = None) -> dict[str, Any]:
     """Label every input of ``config``; returns the summary also written to ``OUT/_bifta_summary.json``."""
+    from bifta_core import storage
+
     config.validate()
     started = time.time()
+    # S3 flags become the standard variables here, and reach every Ray task/actor via runtime_env.
+    os.environ.update(storage.s3_env(config.s3_endpoint_url, config.s3_region, config.s3_anon))
     inputs = list_inputs(config.input, config.limit)
-    from bifta_core import storage
 
     if config.pgs_keep is not None and not is_vit_architecture(config.model.model):
         raise ConfigError(f"--pgs-keep needs a ViT image tower; {config.model.model} is not supported by CLIP-PGS")
@@ -137,7 +148,8 @@ def _run(config, inputs: pa.Table, started: float, on_progress, loaded=None) -> 
     plan = plan_label_sets(config, loaded)
     run_id = run_id_for(config, plan.hashes)
     _check_out(config, run_id)  # before any text is encoded
-    label_sets = prepare_label_sets(config, mcfg, num_gpus=1 if gpus else 0, plan=plan)
+    label_sets = prepare_label_sets(config, mcfg, num_gpus=1 if gpus else 0, plan=plan,
+                                    remote=worker_env(config))
     write_json(config.out, RUN_FILE, {"run_id": run_id, "config": config.to_dict()})
 
     done = completed_ids(config.out)
@@ -230,7 +242,8 @@ def _dataset(config, todo: pa.Table, label_sets, run_id, gpus, cpus, mcfg, schem
         threads = max(1, (os.cpu_count() or 1) // encoders)
         view_workers = max(1, cpus - encoders)
 
-    ds = ds.map_batches(read_batch, batch_size=config.batch_size, batch_format="numpy", num_cpus=0.25)
+    remote = worker_env(config)
+    ds = ds.map_batches(read_batch, batch_size=config.batch_size, batch_format="numpy", num_cpus=0.25, **remote)
     ds = ds.map_batches(
         ViewStage,
         fn_constructor_kwargs=dict(image_size=image_size, preset=preset, seed=config.seed, max_pixels=config.max_pixels,
@@ -239,6 +252,7 @@ def _dataset(config, todo: pa.Table, label_sets, run_id, gpus, cpus, mcfg, schem
         batch_format="numpy",
         compute=ActorPoolStrategy(min_size=1, max_size=view_workers),
         num_cpus=0.5,
+        **remote,
     )
     refs = [ray.put(ls) for ls in label_sets]
     bank_key = bank_specs(config)[0].key if bank_specs(config) else None
@@ -256,5 +270,6 @@ def _dataset(config, todo: pa.Table, label_sets, run_id, gpus, cpus, mcfg, schem
         batch_format="numpy",
         compute=ActorPoolStrategy(size=encoders),
         **enc_resources,
+        **remote,
     )
     return ds

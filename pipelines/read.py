@@ -7,12 +7,13 @@ a small thread pool because S3 latency, not CPU, bounds this stage.
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
-
 import numpy as np
+
+import pyarrow as pa
 
 from bifta_core import storage
 from bifta_core.errors import StorageError
+from pipelines.columns import to_table
 
 READ_THREADS = 16
 
@@ -42,13 +43,13 @@ def _reason(exc: BaseException) -> str:
     return f"read failed: {text[0][:200] if text else type(exc).__name__}"
 
 
-def read_batch(batch: dict[str, np.ndarray]) -> dict[str, Any]:
+def read_batch(batch: dict[str, np.ndarray]) -> pa.Table:
     """Add ``data`` (bytes), ``status`` and ``error`` columns to a batch of ``image_id, uri`` rows."""
     uris = [str(u) for u in batch["uri"]]
     with ThreadPoolExecutor(max_workers=min(READ_THREADS, max(1, len(uris)))) as pool:
         results = list(pool.map(_read_one, uris))
     out = dict(batch)
-    out["data"] = np.array([r[0] for r in results], dtype=object)
-    out["status"] = np.array(["ok" if r[1] is None else "error" for r in results], dtype=object)
-    out["error"] = np.array([r[1] for r in results], dtype=object)
-    return out
+    out["data"] = [r[0] for r in results]
+    out["status"] = ["ok" if r[1] is None else "error" for r in results]
+    out["error"] = [r[1] for r in results]
+    return to_table(out)

@@ -9,14 +9,15 @@ is one, so only the working-resolution image and a few boxes travel through the 
 
 from __future__ import annotations
 
-from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from bifta_core.images import boxes_to_working, working_min_side
 from bifta_core.seeding import generator_for
 from bifta_core.views import ViewPreset, crop_resize_tensor, refine_boxes, sample_boxes
+from pipelines.columns import to_table
 from pipelines.decode import decode_or_error
 
 _EMPTY = b""
@@ -67,7 +68,7 @@ class ViewStage:
             mask = np.ones(int(kept_idx.shape[0]), dtype=np.uint8)
         return boxes_to_working(chosen, decoded).numpy().astype(np.int32), int(boxes.shape[0]), mask
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         n = len(batch["image_id"])
         status = list(batch["status"])
         error = list(batch["error"])
@@ -110,4 +111,4 @@ class ViewStage:
         )
         if self.all_views:
             out["view_kept"] = np.array(kept_masks, dtype=object)
-        return out
+        return to_table(out)

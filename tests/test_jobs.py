@@ -10,7 +10,7 @@ import pytest
 import ray
 
 from bifta_core.config import LabelConfig, ModelConfig
-from bifta_core.errors import ConfigError
+from bifta_core.errors import ConfigError, LabelSetError
 from bifta_core.labelset_artifact import load_artifact
 from jobs import demo, labelset
 from pipelines.pipeline import run_label_job
@@ -79,7 +79,7 @@ def test_artifact_for_another_model_is_refused(tmp_path, photos):
                    "--model", "bifta-tiny-vit", "--pretrained", "random"])
     config = _config(photos, tmp_path / "o", tmp_path / "c", labels=[],
                      labelset_artifacts=[str(artifact)], model=ModelConfig("bifta-tiny-rn", "random"))
-    with pytest.raises(Exception, match="built for bifta-tiny-vit"):
+    with pytest.raises(LabelSetError, match="built for bifta-tiny-vit"):
         run_label_job(config)
 
 
@@ -94,6 +94,35 @@ def test_demo_runs_end_to_end_with_true_labels(tmp_path, capsys):
     assert rows["random_weights"].all()
     out = capsys.readouterr().out
     assert "meaningless" in out and "bifta label — summary" in out
+
+
+def test_demo_falls_back_to_random_weights_behind_a_banner(tmp_path, capsys, monkeypatch):
+    from bifta_core.models import _hub_reachable
+
+    if _hub_reachable():
+        pytest.skip("a model hub is reachable here: the demo would download real weights, not fall back")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # the label-set cache of random ViT-B-32 stays here
+    args = argparse.Namespace(out=str(tmp_path / "demo"), model="ViT-B-32", pretrained="openai",
+                              method="bifta", quiet=True, num_views=2, limit=3)
+    assert demo.run(args) == 0
+    rows = _rows(tmp_path / "demo" / "predictions")
+    captured = capsys.readouterr()
+    if "RANDOM weights" not in captured.err and not rows["random_weights"].any():
+        pytest.skip("ViT-B-32 'openai' weights are cached on this machine: the demo has no reason to fall back")
+    assert "No model hub is reachable and 'openai' weights for ViT-B-32 are not cached" in captured.err
+    assert "The demo runs with RANDOM weights instead" in captured.err
+    assert rows.height == 3
+    assert rows["random_weights"].all()
+    assert rows["status"].to_list() == ["ok"] * 3
+    assert "(random weights: the labels above are meaningless)" in captured.out
+
+
+def test_demo_refuses_bad_counts(tmp_path):
+    args = argparse.Namespace(out=str(tmp_path / "demo"), model="bifta-tiny-vit", pretrained="random",
+                              method="bifta", quiet=True, num_views=0, limit=None)
+    with pytest.raises(ConfigError, match="--num-views must be a positive integer"):
+        demo.run(args)
+    assert not (tmp_path / "demo").exists()  # refused before any work
 
 
 def test_pgs_keep_changes_view_encoding_but_keeps_rows(tmp_path, photos):

@@ -540,3 +540,20 @@ def test_method_variants(method: str, ray_local, make_config, method_inputs: Pat
         assert len(r["explanation"]) <= 3
         if method != "clip":
             assert r["explanation"], "descriptions of the predicted class expected"
+
+
+def test_batches_of_only_errors_mix_with_batches_of_only_good_images(ray_local, make_config, labelset_dir: Path,
+                                                                     work: Path) -> None:
+    """Column types are fixed per stage, so an all-error batch (error: strings, no label) and an all-ok
+    batch (error: all null) still merge; this once crashed the whole job with an Arrow type error."""
+    folder = work / "all-bad-then-good"
+    folder.mkdir()
+    (folder / "a_broken.jpg").write_bytes(b"not an image")
+    (folder / "b_broken.jpg").write_bytes(b"nor this")
+    write_generated_images(folder / "z_good", 2)
+    config = make_config(folder, work / "out-all-bad-then-good", labels=[str(labelset_dir)], batch_size=2)
+    summary = _run(config)
+    rows = read_output(Path(config.out))
+    assert summary["errors"] == 2 and summary["ok"] == 2
+    assert rows.num_rows == 4
+    assert sorted(rows.column("status").to_pylist()) == ["error", "error", "ok", "ok"]
