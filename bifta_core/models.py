@@ -138,21 +138,6 @@ def _file_identity(path: str) -> str:
     return f"sha256:{_content_digest(os.path.realpath(path), st.st_size, st.st_mtime_ns)}"
 
 
-def _remote_identity(uri: str) -> str:
-    """Identity of a remote checkpoint from its metadata (ETag, else size): no download needed."""
-    from bifta_core import storage
-
-    try:
-        fs, path = storage.get_fs(uri)
-        info = fs.info(path)
-    except FileNotFoundError:
-        raise ModelLoadError(f"checkpoint not found: {uri} (--pretrained)") from None
-    except Exception as exc:  # transport/permission problems are the user's to fix
-        raise ModelLoadError(f"cannot reach checkpoint {uri} (--pretrained): {_first_line(exc)}") from None
-    tag = info.get("ETag") or info.get("etag") or info.get("size")
-    return f"uri:{uri}:{str(tag).strip(chr(34))}"
-
-
 def _canonical_tag(model_name: str, pretrained: str) -> str | None:
     import open_clip
 
@@ -162,14 +147,13 @@ def _canonical_tag(model_name: str, pretrained: str) -> str | None:
     return None
 
 
-def resolve_pretrained(
-    model_name: str, pretrained: str, cache_dir: str | None = None, *, download: bool = True
-) -> ResolvedWeights:
+def resolve_pretrained(model_name: str, pretrained: str, cache_dir: str | None = None) -> ResolvedWeights:
     """Turn the user's ``--pretrained`` value into a local file, a hub tag, or random weights.
 
-    ``download=False`` resolves a remote checkpoint's identity from its metadata only (what the
-    driver needs for cache keys). Raises :class:`ModelLoadError` with a one-line message naming
-    ``--pretrained`` when the weights cannot be had (missing file, unknown tag, failed download).
+    A remote checkpoint is downloaded once per node (later calls reuse the copy, even offline) and,
+    like a local file, identified by its content hash, so every node and every rerun agree on it.
+    Raises :class:`ModelLoadError` with a one-line message naming ``--pretrained`` when the weights
+    cannot be had (missing file, unknown tag, failed download).
     """
     import open_clip
 
@@ -180,14 +164,11 @@ def resolve_pretrained(
     if "://" in pretrained and not pretrained.startswith("file://"):
         from bifta_core import storage
 
-        identity = _remote_identity(pretrained)
-        if not download:
-            return ResolvedWeights("file", pretrained, identity)
         try:
             local = storage.cached_download(pretrained, cache_dir=cache_dir)
         except Exception as exc:  # storage raises StorageError; anything else is a transport failure
             raise ModelLoadError(f"cannot fetch checkpoint {pretrained} (--pretrained): {exc}") from exc
-        return ResolvedWeights("file", local, identity)
+        return ResolvedWeights("file", local, _file_identity(local))
     local_candidate = os.path.expanduser(pretrained.removeprefix("file://"))
     if os.path.isfile(local_candidate):
         return ResolvedWeights("file", local_candidate, _file_identity(local_candidate))
@@ -418,7 +399,7 @@ def model_identity(model_name: str, pretrained: str, cache_dir: str | None = Non
     arch = model_name.replace("/", "-")
     if arch not in _known_architectures():
         raise ModelLoadError(f"unknown model architecture '{model_name}' (--model); see open_clip.list_models() for names")
-    return f"{arch}|{resolve_pretrained(arch, pretrained, cache_dir=cache_dir, download=False).identity}"
+    return f"{arch}|{resolve_pretrained(arch, pretrained, cache_dir=cache_dir).identity}"
 
 
 def model_preprocess(model_name: str, pretrained: str = RANDOM_WEIGHTS) -> dict:

@@ -227,3 +227,23 @@ def test_forbidden_output_bucket_fails_fast(imagenet_sample: Path, tmp_path: Pat
                           {**admin_env, **creds}, timeout=120)
         _assert_fails_fast(result, time.monotonic() - start, creds, "access denied")
         assert "s3://theirs/out" in result.stderr
+
+
+@pytest.mark.slow
+def test_s3_settings_as_flags_reach_the_workers(s3_server: S3Server, s3_data: dict, tmp_path: Path) -> None:
+    """`--s3-endpoint-url`/`--s3-region` instead of the AWS environment: the driver lists and the Ray
+    workers read through the same endpoint; credentials still come only from the environment."""
+    creds = _fake_credentials()
+    env = {k: v for k, v in s3_server.env.items() if not k.startswith("AWS_ENDPOINT_URL")}
+    env.update(creds)
+    run_env_has_endpoint = any(k.startswith("AWS_ENDPOINT_URL") for k in env)
+    assert not run_env_has_endpoint
+    out = "s3://bifta-out/runs/flags"
+    result = _run_cli(["s3://bifta-in/images/", "--labels", "s3://bifta-in/labelsets/pets", "--out", out,
+                       "--pretrained", "random", "--limit", "2", "--s3-endpoint-url", s3_server.endpoint,
+                       "--s3-region", "us-east-1", *_common(tmp_path)],
+                      {**env, "AWS_ENDPOINT_URL": "", "AWS_ENDPOINT_URL_S3": ""})
+    _assert_no_secrets(result, creds)
+    assert result.returncode == 0, result.stderr[-4000:]
+    table, _ = _read_output(out)
+    assert table.num_rows == 2 and set(table.column("status").to_pylist()) == {"ok"}
