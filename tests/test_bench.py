@@ -175,8 +175,8 @@ def test_bare_encoder_synchronises_the_gpu_around_the_clock(monkeypatch):
     ips = bench.bare_encoder_images_per_second(_FakeCudaModel(events), views_per_image=2, images=2,
                                                view_batch_size=4)
     assert ips > 0
-    # warm-up, sync, clock, 6 crops in batches of 4, sync, clock
-    assert events == ["encode 2", "sync", "clock", "encode 4", "encode 2", "sync", "clock"]
+    # warm-up, sync, clock, the 2 whole images, their 4 crops (one batch of 4), sync, clock
+    assert events == ["encode 2", "sync", "clock", "encode 2", "encode 4", "sync", "clock"]
 
 
 def test_bare_encoder_refuses_a_zero_batch(tiny_vit_model):
