@@ -141,6 +141,17 @@ def review_queue(lf: pl.LazyFrame, min_margin: float | None = 0.01, min_score: f
     )
 
 
+def lists_as_text(lf: pl.LazyFrame, separator: str = "|") -> pl.LazyFrame:
+    """List columns joined into text (``a|b|c``; elements cast to string), for CSV, which holds no lists.
+
+    Stays lazy, so the caller can ``sink_csv`` it without collecting."""
+    schema = lf.collect_schema()
+    return lf.with_columns([
+        pl.col(c).list.eval(pl.element().cast(pl.String)).list.join(separator)
+        for c, t in schema.items() if isinstance(t, pl.List)
+    ])
+
+
 def _key(expr: pl.Expr) -> pl.Expr:
     """Polars twin of :func:`bifta_core.labelsets.key_of` (lower case, ``_`` → space, collapsed spaces)."""
     return expr.str.replace_all("_", " ").str.to_lowercase().str.replace_all(r"\s+", " ").str.strip_chars()

@@ -133,10 +133,19 @@ def metrics_markdown(metrics: pl.DataFrame) -> str:
         t1 = _fmt(r["top1"], r.get("top1_std") if protocol else None)
         t5 = _fmt(r["top5"], r.get("top5_std") if protocol else None)
         lines.append(
-            f"| {r['method']} | {r['descriptions']} | {r['views']} | {r['aggregation'] or '–'} | {t1} | {t5} "
+            f"| {r['method']} | {r['descriptions']} | {_views_cell(r)} | {r['aggregation'] or '–'} | {t1} | {t5} "
             f"| {r['n']} | {r['ece']:.3f} |"
         )
     return "\n".join(lines)
+
+
+def _views_cell(row: dict[str, Any]) -> str:
+    """``whole image``, or the view preset and which of its views: ``wca views, kept``."""
+    views, preset = row.get("views"), row.get("view_preset")
+    if views in (None, "none"):
+        return "whole image"
+    which = "all sampled" if views == "all" else "kept by refinement"
+    return f"{preset} views, {which}" if preset else str(views)
 
 
 def render_report(

@@ -1,26 +1,37 @@
 """Evaluation: score every method from one set of image embeddings and summarise accuracy.
 
-An evaluation encodes each image once — the whole image and *every* sampled view, with a flag
-saying which views BiFTA's IoU refinement keeps — and then scores all methods from those
-embeddings, so the comparison between methods is never confounded by different crops:
+An evaluation encodes each image once per view preset and scores all methods from those
+embeddings, so every method sees exactly the crops ``bifta label --method M`` would give it:
 
-=========================  ============  =====================  ============  ===========
-row (``method``)           scorer        descriptions           views         aggregation
-=========================  ============  =====================  ============  ===========
-``clip``                   CLIP          class prompt           whole image   –
-``clip-e``                 CLIP-E        prompt templates       whole image   –
-``clip-d``                 CLIP-D        descriptors            whole image   –
-``cupl``                   CuPL          sentences              whole image   –
-``wca``                    WCA           sentences              all sampled   normalized
-``wca+refined-desc``       WCA           refined sentences      all sampled   normalized
-``bifta-unrefined-desc``   BiFTA         sentences              kept          normalized
-``bifta``                  BiFTA         refined sentences      kept          normalized
-``…/sum``                  WCA / BiFTA   as above               as above      sum
-=========================  ============  =====================  ============  ===========
+* the whole image, decoded as the view-less methods (CLIP, CLIP-E, CLIP-D, CuPL) decode it;
+* for each view preset the rows need — ``wca`` (WCA: scale 0.1–0.9, 60 views, no IoU test) and
+  ``bifta`` (BiFTA: scale 0.5–0.9, 100 views, IoU refinement 0.85) — the whole image at that
+  preset's working resolution and *every* sampled view (boxes seeded from ``(seed, image id)``
+  exactly as the labelling pipeline seeds them), with a flag saying which views the preset's
+  refinement keeps (for WCA, every view up to ``max_views``).
 
-The four WCA/BiFTA rows are the 2×2 ablation {descriptions unrefined, refined} × {all views,
-views kept by refinement}. Accuracy is top-k over the whole label set; ties between equal scores
-are broken towards the lower class index, exactly as :func:`bifta_core.predict.top_k` does.
+=================================  ============  =====================  ==============  ===========
+row (``method``)                   scorer        descriptions           views           aggregation
+=================================  ============  =====================  ==============  ===========
+``clip``                           CLIP          class prompt           whole image     –
+``clip-e``                         CLIP-E        prompt templates       whole image     –
+``clip-d``                         CLIP-D        descriptors            whole image     –
+``cupl``                           CuPL          sentences              whole image     –
+``wca``                            WCA           sentences              wca, kept       normalized
+``wca+refined-desc``               WCA           refined sentences      wca, kept       normalized
+``bifta-unrefined-desc-views``     BiFTA         sentences              bifta, all      normalized
+``bifta-unrefined-views``          BiFTA         refined sentences      bifta, all      normalized
+``bifta-unrefined-desc``           BiFTA         sentences              bifta, kept     normalized
+``bifta``                          BiFTA         refined sentences      bifta, kept     normalized
+``…/sum``                          WCA / BiFTA   as above               as above        sum
+=================================  ============  =====================  ==============  ===========
+
+``wca`` and ``bifta`` are the methods as ``bifta label`` runs them (same boxes, same crops, same
+whole-image embedding, same text bank). The four ``bifta*`` rows are the 2×2 ablation
+{descriptions unrefined, refined} × {all sampled views, views kept by IoU refinement} on BiFTA's
+views; ``wca+refined-desc`` adds description refinement to WCA. Accuracy is top-k over the whole
+label set; ties between equal scores are broken towards the lower class index, exactly as
+:func:`bifta_core.predict.top_k` does.
 
 The optional repeated-run protocol of the WCA release (:func:`bifta_core.scoring.sample_view_subsets`)
 scores ``protocol_views`` views drawn with replacement per image and run, and reports the mean and
@@ -45,8 +56,10 @@ from bifta_core.scoring import sample_view_subsets, wca_scores
 from bifta_core.seeding import generator_for
 from bifta_core.text_banks import BankSpec, LabelSetEmbeddings
 
-#: View modes: no views (whole image only), every sampled view, views kept by IoU refinement.
+#: View modes: no views (whole image only), every sampled view, views kept by the preset's refinement.
 VIEW_MODES = ("none", "all", "kept")
+#: View presets an evaluation samples views with (:data:`bifta_core.views.VIEW_PRESETS`).
+VIEW_PRESET_NAMES = ("wca", "bifta")
 #: CLIP's learned logit scale (≈100): confidences are ``softmax(LOGIT_SCALE · score)``.
 DEFAULT_LOGIT_SCALE = 100.0
 #: Top-k accuracies reported.
@@ -63,6 +76,15 @@ class EvalMethod:
     views: str  # one of VIEW_MODES
     aggregation: str | None  # WCA aggregation for view methods, else None
     descriptions: str  # what the text side is made of, for the report
+    preset: str | None = None  # view preset (VIEW_PRESET_NAMES) of a view row, else None
+
+    def __post_init__(self) -> None:
+        if self.views not in VIEW_MODES:
+            raise ConfigError(f"view mode must be one of {', '.join(VIEW_MODES)}, got {self.views!r}")
+        if (self.views == "none") != (self.preset is None) or (self.preset is not None
+                                                                and self.preset not in VIEW_PRESET_NAMES):
+            raise ConfigError(f"{self.name}: a view row needs a view preset ({', '.join(VIEW_PRESET_NAMES)}), "
+                              f"a whole-image row none; got views={self.views!r}, preset={self.preset!r}")
 
     @property
     def uses_views(self) -> bool:
@@ -80,12 +102,20 @@ def standard_methods() -> tuple[EvalMethod, ...]:
     for agg in ("normalized", "sum"):
         suffix = "" if agg == "normalized" else "/sum"
         rows += [
-            EvalMethod(f"wca{suffix}", "wca", "wca", "all", agg, "sentences"),
-            EvalMethod(f"wca+refined-desc{suffix}", "wca", "bifta", "all", agg, "refined sentences"),
-            EvalMethod(f"bifta-unrefined-desc{suffix}", "bifta", "wca", "kept", agg, "sentences"),
-            EvalMethod(f"bifta{suffix}", "bifta", "bifta", "kept", agg, "refined sentences"),
+            EvalMethod(f"wca{suffix}", "wca", "wca", "kept", agg, "sentences", "wca"),
+            EvalMethod(f"wca+refined-desc{suffix}", "wca", "bifta", "kept", agg, "refined sentences", "wca"),
+            EvalMethod(f"bifta-unrefined-desc-views{suffix}", "bifta", "wca", "all", agg, "sentences", "bifta"),
+            EvalMethod(f"bifta-unrefined-views{suffix}", "bifta", "bifta", "all", agg, "refined sentences", "bifta"),
+            EvalMethod(f"bifta-unrefined-desc{suffix}", "bifta", "wca", "kept", agg, "sentences", "bifta"),
+            EvalMethod(f"bifta{suffix}", "bifta", "bifta", "kept", agg, "refined sentences", "bifta"),
         ]
     return tuple(rows)
+
+
+def presets_for(methods: Sequence[EvalMethod]) -> list[str]:
+    """The view presets ``methods`` need, in :data:`VIEW_PRESET_NAMES` order."""
+    wanted = {m.preset for m in methods if m.uses_views}
+    return [p for p in VIEW_PRESET_NAMES if p in wanted]
 
 
 def method_names() -> list[str]:
@@ -198,33 +228,67 @@ def map_labels(
 
 
 @dataclass
+class ViewSet:
+    """One view preset's embeddings of a batch of images.
+
+    ``image_emb`` is the whole image as ``bifta label`` encodes it for the preset's method (decoded
+    at the preset's working resolution); ``view_emb`` holds every sampled view in sampling order,
+    ``view_mask`` marks real (non-padding) views and ``view_kept`` the views the preset's
+    refinement keeps (the views ``bifta label`` scores).
+    """
+
+    image_emb: torch.Tensor  # float32 [B, D]
+    view_emb: torch.Tensor  # float32 [B, V, D]
+    view_mask: torch.Tensor  # bool [B, V]
+    view_kept: torch.Tensor  # bool [B, V]
+
+    def select(self, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(view_emb, mask)`` for view mode ``all`` or ``kept``.
+
+        ``kept`` moves the kept views to the front (in sampling order) and trims the padding, so a
+        row scores the same tensor layout as the labelling pipeline, which encodes only those.
+        """
+        if mode == "all":
+            return self.view_emb, self.view_mask
+        if mode != "kept":
+            raise ConfigError(f"view mode must be 'all' or 'kept', got {mode!r}")
+        keep = self.view_mask & self.view_kept
+        if bool(keep.eq(self.view_mask).all()):
+            return self.view_emb, self.view_mask
+        order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices
+        width = max(1, int(keep.sum(dim=1).max())) if keep.numel() else 0
+        order = order[:, :width]
+        emb = torch.gather(self.view_emb, 1, order[..., None].expand(-1, -1, self.view_emb.shape[-1]))
+        mask = torch.gather(keep, 1, order)
+        # Padding holds zeros, as in the labelling pipeline's batches (not a dropped view's embedding).
+        return torch.where(mask[..., None], emb, torch.zeros((), dtype=emb.dtype, device=emb.device)), mask
+
+    def slice(self, start: int, end: int) -> "ViewSet":
+        return ViewSet(self.image_emb[start:end], self.view_emb[start:end], self.view_mask[start:end],
+                       self.view_kept[start:end])
+
+
+@dataclass
 class ImageBatch:
     """Embeddings of a batch of images, as encoded once for all methods.
 
-    ``view_mask`` marks real (non-padding) views; ``view_kept`` marks the subset kept by IoU
-    refinement. Both are ``None`` when views were not encoded.
+    ``image_emb`` is the whole image as the view-less methods encode it; ``views`` holds one
+    :class:`ViewSet` per encoded view preset (empty when no views were encoded).
     """
 
     image_ids: list[str]
     true_index: torch.Tensor  # long [B]
     image_emb: torch.Tensor  # float32 [B, D]
-    view_emb: torch.Tensor | None = None  # float32 [B, V, D]
-    view_mask: torch.Tensor | None = None  # bool [B, V]
-    view_kept: torch.Tensor | None = None  # bool [B, V]
+    views: dict[str, ViewSet] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.image_ids)
 
-    def views(self, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(view_emb, mask)`` for view mode ``all`` or ``kept``."""
-        if self.view_emb is None or self.view_mask is None:
-            raise ConfigError("these embeddings hold no views; WCA/BiFTA rows need them")
-        if mode == "all":
-            return self.view_emb, self.view_mask
-        if mode == "kept":
-            kept = self.view_kept if self.view_kept is not None else self.view_mask
-            return self.view_emb, self.view_mask & kept
-        raise ConfigError(f"view mode must be 'all' or 'kept', got {mode!r}")
+    def view_set(self, preset: str | None) -> ViewSet:
+        """The :class:`ViewSet` of ``preset``; :class:`ConfigError` when it was not encoded."""
+        if preset not in self.views:
+            raise ConfigError(f"these embeddings hold no {preset} views; the rows using them cannot be scored")
+        return self.views[str(preset)]
 
 
 @dataclass(frozen=True)
@@ -245,12 +309,15 @@ def scores_for(m: EvalMethod, emb: LabelSetEmbeddings, batch: ImageBatch, params
     """``[B, C]`` scores of one row for a batch (all of the row's views)."""
     bank = emb.banks[m.bank] if m.bank is not None else None
     view_emb = view_mask = None
+    image_emb = batch.image_emb
     p = params
     if m.uses_views:
-        view_emb, view_mask = batch.views(m.views)
+        vs = batch.view_set(m.preset)
+        view_emb, view_mask = vs.select(m.views)
+        image_emb = vs.image_emb
         p = ScoreParams(image_scale=params.image_scale, text_scale=params.text_scale,
                         aggregation=m.aggregation or params.aggregation)
-    return method_scores(m.method, emb.class_emb, batch.image_emb, bank, view_emb, view_mask, p)
+    return method_scores(m.method, emb.class_emb, image_emb, bank, view_emb, view_mask, p)
 
 
 def protocol_indices(view_mask: torch.Tensor, image_ids: Sequence[str], protocol: Protocol) -> torch.Tensor:
@@ -270,14 +337,15 @@ def protocol_scores_for(
     if not m.uses_views:
         raise ConfigError(f"{m.name} scores no views; the protocol applies to WCA/BiFTA rows only")
     bank = emb.banks[str(m.bank)]
-    view_emb, mask = batch.views(m.views)
+    vs = batch.view_set(m.preset)
+    view_emb, mask = vs.select(m.views)
     idx = protocol_indices(mask, batch.image_ids, protocol).to(view_emb.device)
     runs, b, k = idx.shape
     d = view_emb.shape[-1]
     gathered = torch.gather(view_emb[None].expand(runs, -1, -1, -1), 2, idx[..., None].expand(-1, -1, -1, d))
     flat_views = gathered.reshape(runs * b, k, d)
     flat_mask = torch.ones(flat_views.shape[:2], dtype=torch.bool, device=view_emb.device)
-    flat_images = batch.image_emb[None].expand(runs, -1, -1).reshape(runs * b, -1)
+    flat_images = vs.image_emb[None].expand(runs, -1, -1).reshape(runs * b, -1)
     scores = wca_scores(
         flat_views, flat_mask, flat_images, bank.desc_emb, bank.desc_class, emb.class_emb,
         image_scale=params.image_scale, text_scale=params.text_scale,
@@ -431,9 +499,10 @@ class EvaluationAccumulator:
             conf = torch.tensor(r.confidence, dtype=torch.float64)
             row["mean_confidence"] = float(conf.mean()) if n else float("nan")
             row["ece"] = ece.get(m.name, float("nan"))
-            row.update(scorer=m.method, descriptions=m.descriptions, views=m.views, aggregation=m.aggregation)
+            row.update(scorer=m.method, descriptions=m.descriptions, views=m.views, view_preset=m.preset,
+                       aggregation=m.aggregation)
             rows.append(row)
-        schema_overrides = {"n": pl.Int64, "aggregation": pl.String}
+        schema_overrides = {"n": pl.Int64, "aggregation": pl.String, "view_preset": pl.String}
         return pl.DataFrame(rows, schema_overrides=schema_overrides, infer_schema_length=None)
 
     def per_class(self) -> pl.DataFrame:
@@ -515,7 +584,5 @@ def chunks(batch: ImageBatch, size: int) -> Iterable[ImageBatch]:
             image_ids=batch.image_ids[s:e],
             true_index=batch.true_index[s:e],
             image_emb=batch.image_emb[s:e],
-            view_emb=None if batch.view_emb is None else batch.view_emb[s:e],
-            view_mask=None if batch.view_mask is None else batch.view_mask[s:e],
-            view_kept=None if batch.view_kept is None else batch.view_kept[s:e],
+            views={p: vs.slice(s, e) for p, vs in batch.views.items()},
         )

@@ -4,16 +4,20 @@
         --labels ../shared/descriptions/imagenet --out eval/ --save-embeddings
 
 INPUT is a manifest (.csv/.parquet with ``uri``/``path`` and a label column) or a folder with one
-sub-folder per class. Each image's whole view and all its sampled views are encoded once; CLIP,
-CLIP-E, CLIP-D, CuPL, WCA and BiFTA (and their refinement/aggregation variants) are all scored from
-those embeddings. ``--from-embeddings DIR`` re-scores saved embeddings without encoding. A user
-mistake prints one ``error:`` line and exits 2.
+sub-folder per class. Each image's whole view and the views of each preset the rows need are
+encoded once; CLIP, CLIP-E, CLIP-D, CuPL, WCA and BiFTA (and their refinement/aggregation variants)
+are all scored from those embeddings: ``wca*`` rows on WCA's views (scale 0.1–0.9, 60 views, no IoU
+refinement) and ``bifta*`` rows on BiFTA's (scale 0.5–0.9, 100 views, IoU 0.85), each sampled and
+encoded exactly as ``bifta label --method wca|bifta`` does. The view flags override both presets,
+as each would override it in ``bifta label``. ``--from-embeddings DIR`` re-scores saved embeddings
+without encoding. A user mistake prints one ``error:`` line and exits 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from typing import Any
 
@@ -31,7 +35,16 @@ _CONFIG_FIELDS = {
     "num_encoders", "limit", "max_pixels", "labelset_cache",
 }
 #: Flags that fix the image embeddings: with --from-embeddings they must match the saved ones.
-_VIEW_FLAGS = ("num_views", "max_views", "iou_threshold", "scale", "seed", "view_preset", "pgs_keep", "pgs_whole_image")
+_VIEW_FLAGS = ("num_views", "max_views", "iou_threshold", "scale", "seed", "pgs_keep", "pgs_whole_image")
+
+_EPILOG = (
+    "Views: wca* rows are scored on WCA's views (scale 0.1-0.9, 60 views, no IoU refinement), bifta* rows on "
+    "BiFTA's (scale 0.5-0.9, 100 views, IoU 0.85, max 100); both are sampled and encoded in the one pass, "
+    "seeded from (--seed, image id) exactly as `bifta label --method wca|bifta` samples them. The view flags "
+    "(--num-views, --max-views, --iou-threshold, --scale) override BOTH presets, the way each overrides it in "
+    "`bifta label` (so evaluate's wca/bifta rows predict what `bifta label --method wca|bifta` with the same "
+    "flags predicts). The bifta-unrefined-views rows use BiFTA's views without IoU refinement."
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,11 +55,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="label-set folder (classes.json, cupl.json, clip-d.json, clip-e.json …)")
     parser.add_argument("--out", required=True, help="output folder (local or s3://)")
     parser.add_argument("--label-column", default="label", help="manifest column holding the ground-truth class")
-    parser.add_argument("--methods", default=None,
-                        help="comma-separated subset of rows to score (default all: " + ", ".join(method_names()) + ")")
-    parser.add_argument("--view-preset", choices=["bifta", "wca"], default=s,
-                        help="view sampling preset the flags below override (default bifta)")
+    parser.add_argument("--methods", "--method", dest="methods", action="append", default=None, metavar="ROWS",
+                        help="rows to score, comma-separated and/or repeated (--method is the same flag; "
+                             "default all: " + ", ".join(method_names()) + ")")
     add_model_arguments(parser)
+    parser.epilog = _EPILOG
     e = parser.add_argument_group("evaluation")
     e.add_argument("--protocol-runs", type=int, default=None, help="WCA protocol: runs of random view subsets")
     e.add_argument("--protocol-views", type=int, default=None, help="WCA protocol: views drawn per image and run")
@@ -78,7 +91,7 @@ def config_from_args(args: argparse.Namespace) -> LabelConfig:
         input=args.input or args.from_embeddings or "",
         labels=[args.labels],
         out=args.out,
-        method=given.get("view_preset", "bifta"),
+        method="bifta",  # only resolves view presets, which evaluate does per preset (pipelines.embed.view_presets)
         model=model,
     )
     return LabelConfig.from_dict(data)
@@ -105,24 +118,37 @@ def _check_saved(config: LabelConfig, args: argparse.Namespace, meta: dict[str, 
     if any(f in given for f in _VIEW_FLAGS):
         import dataclasses
 
-        asked = dataclasses.asdict(config.view_preset())
-        asked["scale"] = list(asked["scale"])
-        saved = dict(meta.get("views") or {})
-        if saved:
-            saved["scale"] = list(saved.get("scale", []))
+        from pipelines.embed import view_presets
+
+        saved = {name: dict(v, scale=list(v.get("scale", []))) for name, v in (meta.get("views") or {}).items()}
+        asked = {name: dict(dataclasses.asdict(v), scale=list(v.scale))
+                 for name, v in view_presets(config, list(saved)).items()}
         mismatch = saved != asked or config.seed != meta.get("seed") or config.pgs_keep != meta.get("pgs_keep") \
             or config.pgs_whole_image != meta.get("pgs_whole_image")
         if mismatch:
+            shown = "; ".join(f"{k}: {v['num_views']} views, scale {tuple(v['scale'])}, IoU {v['iou_threshold']}, "
+                              f"max {v['max_views']}" for k, v in saved.items()) or "no views"
             raise ConfigError(
-                f"view settings are fixed by the saved embeddings ({saved or 'no views'}, seed {meta.get('seed')}); "
+                f"view settings are fixed by the saved embeddings ({shown}; seed {meta.get('seed')}); "
                 "drop the view flags or re-encode without --from-embeddings"
             )
+
+
+def parse_methods(values: list[str] | None) -> list[str] | None:
+    """``--methods``/``--method`` values (repeated and/or comma-separated) → row names, or None for all."""
+    if not values:
+        return None
+    names = [n.strip() for v in values for n in str(v).split(",")]
+    names = [n for n in names if n]
+    if not names:
+        raise ConfigError("--methods/--method got no method name; pass e.g. --method wca --method bifta")
+    return list(dict.fromkeys(names))
 
 
 def options_from_args(args: argparse.Namespace):
     from pipelines.evaluate import EvaluateOptions
 
-    methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
+    methods = parse_methods(args.methods)
     return EvaluateOptions(
         out=args.out,
         label_column=args.label_column,
@@ -176,11 +202,19 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("no INPUT given (a manifest with a label column or a folder of class folders), "
                           "and no --from-embeddings")
     config = config_from_args(args)
+    options = options_from_args(args)
+    # Every flag is checked before a file is read or Ray starts.
+    options.validate()
+    config.validate()
+    options.protocol(config.seed)
+    for flag, value in (("--image-scale", config.image_scale), ("--text-scale", config.text_scale)):
+        if not math.isfinite(value):
+            raise ConfigError(f"{flag} must be a finite number, got {value}")
     if args.from_embeddings:
         if args.input:
             logger.warning("INPUT %s is ignored: --from-embeddings re-scores the saved images", args.input)
         _check_saved(config, args, read_embeddings_meta(args.from_embeddings))
-    summary = run_evaluation(config, options_from_args(args), on_progress=None if args.quiet else _progress)
+    summary = run_evaluation(config, options, on_progress=None if args.quiet else _progress)
     from bifta_core import storage
 
     with storage.open_input(storage.join(args.out, "metrics.parquet")) as fh:

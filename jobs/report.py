@@ -6,19 +6,25 @@ Reads the folder's ``part-*.parquet`` files lazily with polars (local or s3://) 
 counts per label set, score and margin quantiles, error images by reason, accuracy when the run
 had ground truth, and — with ``--compare`` — agreement with another run. Writes ``report.json``
 and the review queue (``review.csv``, ``review.parquet``: low-margin / low-score predictions)
-into ``--report-out`` (default ``OUT/_report/``). A user mistake prints one ``error:`` line and
-exits 2.
+into ``--report-out`` (default ``OUT/_report/``). The review queue is streamed from the lazy query
+to the files (``sink_parquet``/``sink_csv``), never collected, so memory stays bounded however many
+rows the folder holds. A user mistake prints one ``error:`` line and exits 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
+import contextlib
 import json
+import math
+import os
+import shutil
 import sys
-from typing import Any
+import tempfile
+from typing import Any, Iterator
 
 import polars as pl
+import pyarrow as pa
 
 from bifta_core import analytics, storage
 from bifta_core.errors import ConfigError, InputError
@@ -65,22 +71,54 @@ def scan(out: str) -> pl.LazyFrame:
     return pl.scan_pyarrow_dataset(pads.dataset(paths, filesystem=fs, format="parquet"))
 
 
-def _parquet_bytes(df: pl.DataFrame) -> bytes:
-    buf = io.BytesIO()
-    df.write_parquet(buf, compression="zstd")
-    return buf.getvalue()
+@contextlib.contextmanager
+def _staging(dest: str) -> Iterator[str]:
+    """A private local folder for the review files: inside ``dest`` when it is local (so publishing
+    is a rename), else in the system temp folder (then uploaded)."""
+    parent = None
+    if not storage.is_remote(dest):
+        parent = os.path.abspath(os.path.expanduser(dest))
+        os.makedirs(parent, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".bifta-review-", dir=parent) as tmp:
+        yield tmp
 
 
-def _csv_bytes(df: pl.DataFrame) -> bytes:
-    flat = df.with_columns(
-        [pl.col(c).list.join("|") for c, t in df.schema.items() if isinstance(t, pl.List)]
-    )
-    return flat.write_csv().encode("utf-8")
+def _publish(local: str, uri: str) -> None:
+    """Move a staged file to ``uri`` (atomic rename locally, streamed upload to object storage)."""
+    if not storage.is_remote(uri):
+        path = os.path.abspath(os.path.expanduser(uri))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(local, 0o666 & ~umask)
+        os.replace(local, path)
+        return
+    with open(local, "rb") as src, storage.open_output(uri) as dst:
+        shutil.copyfileobj(src, dst, 8 << 20)
+
+
+def write_review(review: pl.LazyFrame, dest: str) -> dict[str, Any]:
+    """Stream the review queue to ``dest``/``review.parquet`` and ``review.csv``; → ``{rows, images}``.
+
+    The lazy query runs once, streamed into a staged Parquet file; the CSV (list columns joined with
+    ``|``) and the counts are streamed from that file. Nothing holds the whole queue in memory.
+    """
+    with _staging(dest) as tmp:
+        staged_parquet = os.path.join(tmp, "review.parquet")
+        staged_csv = os.path.join(tmp, "review.csv")
+        review.sink_parquet(staged_parquet, compression="zstd")
+        staged = pl.scan_parquet(staged_parquet)
+        analytics.lists_as_text(staged).sink_csv(staged_csv)
+        counts = staged.select(rows=pl.len(), images=pl.col("image_id").n_unique()).collect().row(0, named=True)
+        _publish(staged_csv, storage.join(dest, "review.csv"))
+        _publish(staged_parquet, storage.join(dest, "review.parquet"))
+    return {"rows": int(counts["rows"]), "images": int(counts["images"])}
 
 
 def build_report(out: str, *, min_margin: float | None, min_score: float | None, compare: str | None,
-                 top: int) -> tuple[dict[str, Any], pl.DataFrame]:
-    """All sections of the report as plain data, plus the collected review queue."""
+                 top: int) -> tuple[dict[str, Any], pl.LazyFrame]:
+    """All sections of the report as plain data, plus the review queue as a lazy query (not run).
+
+    ``report["review"]`` holds the criteria; :func:`write_review` streams the queue and counts it."""
     lf = scan(out)
     analytics.check_columns(lf)
     report: dict[str, Any] = {"out": out, "overview": analytics.overview(lf)}
@@ -89,9 +127,8 @@ def build_report(out: str, *, min_margin: float | None, min_score: float | None,
     report["errors"] = analytics.error_reasons(lf).to_dicts()
     acc = analytics.truth_accuracy(lf)
     report["accuracy"] = acc.to_dicts() if acc is not None else None
-    review = analytics.review_queue(lf, min_margin, min_score).collect()
-    report["review"] = {"rows": review.height, "images": review["image_id"].n_unique(),
-                        "min_margin": min_margin, "min_score": min_score}
+    review = analytics.review_queue(lf, min_margin, min_score)
+    report["review"] = {"min_margin": min_margin, "min_score": min_score}
     if compare:
         other = scan(compare)
         analytics.check_columns(other)
@@ -138,13 +175,24 @@ def run(args: argparse.Namespace) -> int:
     """Run from parsed flags; raises :class:`BiftaUserError` for user mistakes."""
     if args.top < 1:
         raise ConfigError(f"--top must be a positive integer, got {args.top}")
-    report, review = build_report(args.out, min_margin=args.min_margin, min_score=args.min_score,
-                                  compare=args.compare, top=args.top)
+    for flag, value in (("--min-margin", args.min_margin), ("--min-score", args.min_score)):
+        if value is not None and not math.isfinite(value):
+            raise ConfigError(f"{flag} must be a finite number, got {value}")
+    if args.min_margin is None and args.min_score is None:
+        raise ConfigError("the review queue needs --min-margin and/or --min-score (--no-min-margin alone leaves none)")
+    if args.report_out is not None and not args.report_out.strip():
+        raise ConfigError("--report-out must name a folder, got an empty path")
     dest = args.report_out or storage.join(args.out, REPORT_DIR)
-    storage.makedirs(dest)
+    try:
+        report, review = build_report(args.out, min_margin=args.min_margin, min_score=args.min_score,
+                                      compare=args.compare, top=args.top)
+        storage.check_writable(dest)
+        report["review"].update(write_review(review, dest))
+    except (pl.exceptions.PolarsError, pa.ArrowException) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise InputError(f"cannot read the prediction files of {args.out}"
+                         + (f" or {args.compare}" if args.compare else "") + f": {first}") from None
     report["review"]["files"] = [storage.join(dest, "review.csv"), storage.join(dest, "review.parquet")]
-    storage.write_bytes_atomic(storage.join(dest, "review.csv"), _csv_bytes(review))
-    storage.write_bytes_atomic(storage.join(dest, "review.parquet"), _parquet_bytes(review))
     report_path = storage.join(dest, "report.json")
     storage.write_bytes_atomic(report_path, json.dumps(report, indent=2, default=str).encode("utf-8"))
     if not args.quiet:

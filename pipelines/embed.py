@@ -1,10 +1,12 @@
 """Evaluation encoding: inputs with ground truth → whole-image and all-view embeddings, once.
 
-The evaluation pipeline reuses the labelling stages — ``read_batch`` → ``ViewStage`` (with
-``all_views=True``: every sampled box plus a mask of those IoU refinement keeps) — and ends in
-:class:`EmbedStage`, an actor that encodes each image's whole view and all its views with
+The evaluation pipeline reuses the labelling stages — ``read_batch`` → :class:`EvalViewStage`
+(the labelling ``ViewStage`` once without views and once per view preset, with ``all_views=True``:
+every sampled box plus a mask of those refinement keeps) — and ends in :class:`EmbedStage`, an
+actor that encodes each image's whole view and every preset's views with
 :class:`pipelines.encode.ViewEncoder` and returns the embeddings (no scoring). The driver then
-scores every method from them (``bifta_core.evaluation``), so all methods see the same crops.
+scores every method from them (``bifta_core.evaluation``): WCA rows on WCA's views, BiFTA rows on
+BiFTA's, each exactly as ``bifta label --method wca|bifta`` samples and encodes them.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import dataclasses
 import logging
 import math
 import os
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -23,10 +25,13 @@ from bifta_core import storage
 from bifta_core.config import LabelConfig
 from bifta_core.errors import InputError, LabelSetError
 from bifta_core.eval_embeddings import FLAT_SCHEMA
+from bifta_core.evaluation import VIEW_PRESET_NAMES
 from bifta_core.labelset_artifact import load_artifact, save_artifact
 from bifta_core.labelsets import LabelSet, load_label_set
-from bifta_core.models import load_model, model_identity, model_input_size
+from bifta_core.models import load_model, model_identity, model_input_size, model_preprocess
 from bifta_core.text_banks import BankSpec, LabelSetEmbeddings, content_hash
+from bifta_core.views import ViewPreset
+from pipelines.columns import COLUMN_TYPES
 from pipelines.encode import ViewEncoder
 from pipelines.inputs import _read_manifest, list_inputs, MANIFEST_EXTENSIONS
 from pipelines.read import read_batch
@@ -129,22 +134,71 @@ def prepare_eval_label_set(
     return emb, False
 
 
+# ------------------------------------------------------------------------------------- views
+
+
+def view_presets(config: LabelConfig, names: Sequence[str]) -> dict[str, ViewPreset]:
+    """The resolved view settings of each preset in ``names``: exactly what
+    ``bifta label --method NAME`` with the same view flags (``--num-views``, ``--scale``…) samples."""
+    return {name: dataclasses.replace(config, method=name).view_preset() for name in names}
+
+
+class EvalViewStage:
+    """Callable class for ``Dataset.map_batches``: decode + views for every preset at once.
+
+    Runs the labelling pipeline's :class:`pipelines.views.ViewStage` once for the view-less methods
+    (whole image decoded at the model's input size) and once per view preset (decoded at that
+    preset's working resolution, every sampled box plus the ``view_kept`` mask), so each method
+    sees the pixels and boxes ``bifta label --method M`` gives it. Output columns: the input's
+    metadata, ``whole``, and per preset ``P``: ``P_whole``, ``P_work``, ``P_work_hw``, ``P_boxes``,
+    ``P_crops`` (views already cut, when that is smaller than the working image) and
+    ``P_view_kept``. An image any decode fails on is an error row.
+    """
+
+    def __init__(self, *, image_size: int, presets: dict[str, dict], seed: int, max_pixels: int,
+                 resize_mode: str = "shortest") -> None:
+        common = dict(image_size=image_size, seed=seed, max_pixels=max_pixels, resize_mode=resize_mode)
+        self.whole = ViewStage(preset=None, **common)
+        self.stages = {name: ViewStage(preset=preset, all_views=True, **common) for name, preset in presets.items()}
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        whole = self.whole(batch)  # typed Arrow tables (pipelines.columns), one per decode
+        status = whole.column("status").to_pylist()
+        error = whole.column("error").to_pylist()
+        dropped = {"work", "work_hw", "boxes", "crops", "views_generated", "views_kept", "view_kept", "status", "error"}
+        out = whole.select([c for c in whole.column_names if c not in dropped])
+        for name, stage in self.stages.items():
+            part = stage(batch)
+            for i, (st, err) in enumerate(zip(part.column("status").to_pylist(), part.column("error").to_pylist())):
+                if st != "ok" and status[i] == "ok":
+                    status[i], error[i] = st, err
+            for col in ("whole", "work", "work_hw", "boxes", "crops", "view_kept"):
+                out = out.append_column(f"{name}_{col}", part.column(col))
+        out = out.append_column("status", pa.array(status, COLUMN_TYPES["status"]))
+        return out.append_column("error", pa.array(error, COLUMN_TYPES["error"]))
+
+
 # ------------------------------------------------------------------------------ encode actor
 
 
 class EmbedStage:
     """Callable class for ``Dataset.map_batches`` (actor pool): decoded rows → embeddings.
 
-    Output rows follow :data:`bifta_core.eval_embeddings.FLAT_SCHEMA`: ``image_emb`` and the
-    concatenated ``view_emb`` as ``list<float32>``, ``n_views`` and the per-view ``view_kept``
-    flags; error rows keep their reason and null embeddings.
+    Output rows follow :data:`bifta_core.eval_embeddings.FLAT_SCHEMA`: ``image_emb`` and, per view
+    preset, the preset's whole-image embedding, the concatenated ``view_emb`` of every sampled view
+    (in sampling order), ``n_views`` and the per-view ``view_kept`` flags; error rows keep their
+    reason and null embeddings.
+
+    The views a preset's refinement keeps are encoded together, as one ``encode_views`` call over
+    the batch — the very call the labelling pipeline makes — and the dropped ones in a second call,
+    so the kept views' embeddings are bit for bit those of ``bifta label``.
     """
 
     def __init__(
         self,
         *,
         model_cfg: dict,
-        with_views: bool,
+        presets: Sequence[str],
         view_batch_size: int,
         seed: int,
         pgs_keep: float | None,
@@ -154,41 +208,67 @@ class EmbedStage:
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.model = load_model(**model_cfg)
-        self.with_views = with_views
+        self.presets = list(presets)
         self.encoder = ViewEncoder(self.model, view_batch_size=view_batch_size, seed=seed, pgs_keep=pgs_keep,
                                    pgs_whole_image=pgs_whole_image)
+
+    def _views(self, batch: dict[str, np.ndarray], preset: str, ok: list[int], ids: list[str]) -> list[tuple]:
+        """→ per ok image ``(view embeddings [n, D] in sampling order, kept flags)``."""
+        size = self.model.image_size
+        boxes, kept, cut = [], [], []
+        for i in ok:
+            b = np.frombuffer(batch[f"{preset}_boxes"][i], dtype=np.int32).reshape(-1, 4)
+            k = np.frombuffer(batch[f"{preset}_view_kept"][i], dtype=np.uint8)[: b.shape[0]] > 0
+            c = batch[f"{preset}_crops"][i] if f"{preset}_crops" in batch else b""
+            boxes.append(b)
+            kept.append(k)
+            cut.append(np.frombuffer(c, dtype=np.uint8).reshape(b.shape[0], 3, size, size) if c else None)
+        work = [batch[f"{preset}_work"][i] for i in ok]
+        hw = [tuple(batch[f"{preset}_work_hw"][i]) for i in ok]
+        parts = []
+        for select in (True, False):
+            if not any(int((k == select).sum()) for k in kept):
+                parts.append(None)
+                continue
+            chosen = [np.ascontiguousarray(b[k == select]).tobytes() for b, k in zip(boxes, kept)]
+            # An image whose views came cut and that has none on this side yields no crop (an empty
+            # block cut from its empty working image).
+            crops = [b"" if c is None else np.ascontiguousarray(c[k == select]).tobytes() for c, k in zip(cut, kept)]
+            emb, mask = self.encoder.encode_views(work, hw, chosen, ids, crops)
+            parts.append(emb.float().cpu())
+        out = []
+        for j, (b, k) in enumerate(zip(boxes, kept)):
+            views = torch.zeros(b.shape[0], self.model.embed_dim, dtype=torch.float32)
+            for select, emb in zip((True, False), parts):
+                idx = np.flatnonzero(k == select)
+                if emb is not None and idx.size:
+                    views[torch.from_numpy(idx)] = emb[j, : idx.size]
+            out.append((views.numpy(), k.tolist()))
+        return out
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         n = len(batch["image_id"])
         ok = [i for i in range(n) if batch["status"][i] == "ok"]
         image_emb: list[Any] = [None] * n
-        view_emb: list[Any] = [None] * n
-        view_kept: list[Any] = [None] * n
-        n_views = [0] * n
+        per_preset: dict[str, dict[str, list[Any]]] = {
+            p: {"image": [None] * n, "views": [None] * n, "kept": [None] * n, "n": [0] * n} for p in self.presets
+        }
         if ok:
             ids = [str(batch["image_id"][i]) for i in ok]
             whole = self.encoder.encode_whole([batch["whole"][i] for i in ok], ids).float().cpu()
             for j, i in enumerate(ok):
                 image_emb[i] = whole[j].numpy()
-            if self.with_views:
-                emb, mask = self.encoder.encode_views(
-                    [batch["work"][i] for i in ok], [tuple(batch["work_hw"][i]) for i in ok],
-                    [batch["boxes"][i] for i in ok], ids,
-                )
-                emb, mask = emb.float().cpu(), mask.cpu()
-                for j, i in enumerate(ok):
-                    c = int(mask[j].sum())
-                    n_views[i] = c
-                    view_emb[i] = emb[j, :c].reshape(-1).numpy()
-                    kept = np.frombuffer(batch["view_kept"][i], dtype=np.uint8) if "view_kept" in batch else None
-                    view_kept[i] = (kept[:c] > 0).tolist() if kept is not None else [True] * c
-            else:
-                for i in ok:
-                    view_emb[i] = np.zeros(0, dtype=np.float32)
-                    view_kept[i] = []
+            for p in self.presets:
+                cols = per_preset[p]
+                p_whole = self.encoder.encode_whole([batch[f"{p}_whole"][i] for i in ok], ids).float().cpu()
+                for j, (i, (views, kept)) in enumerate(zip(ok, self._views(batch, p, ok, ids))):
+                    cols["image"][i] = p_whole[j].numpy()
+                    cols["views"][i] = views.reshape(-1)
+                    cols["kept"][i] = kept
+                    cols["n"][i] = len(kept)
         labels = list(batch["true_label"]) if "true_label" in batch else [None] * n
         ok_set = set(ok)
-        columns = {
+        columns: dict[str, pa.Array] = {
             "image_id": pa.array([str(x) for x in batch["image_id"]], pa.string()),
             "uri": pa.array([str(x) for x in batch["uri"]], pa.string()),
             "true_label": pa.array([None if x is None else str(x) for x in labels], pa.string()),
@@ -196,10 +276,13 @@ class EmbedStage:
             "error": pa.array([None if i in ok_set else str(batch["error"][i] or "unknown error") for i in range(n)],
                               pa.string()),
             "image_emb": _float_lists(image_emb),
-            "n_views": pa.array(n_views, pa.int32()),
-            "view_emb": _float_lists(view_emb),
-            "view_kept": pa.array(view_kept, pa.list_(pa.bool_())),
         }
+        for p in VIEW_PRESET_NAMES:
+            cols = per_preset.get(p) or {"image": [None] * n, "views": [None] * n, "kept": [None] * n, "n": [0] * n}
+            columns[f"{p}_image_emb"] = _float_lists(cols["image"])
+            columns[f"{p}_n_views"] = pa.array(cols["n"], pa.int32())
+            columns[f"{p}_view_emb"] = _float_lists(cols["views"])
+            columns[f"{p}_view_kept"] = pa.array(cols["kept"], pa.list_(pa.bool_()))
         return pa.table(columns, schema=FLAT_SCHEMA)
 
 
@@ -213,10 +296,12 @@ def _float_lists(rows: list[np.ndarray | None]) -> pa.ListArray:
     return pa.ListArray.from_arrays(offsets, values, type=pa.list_(pa.float32()), mask=mask)
 
 
-def embed_dataset(config: LabelConfig, todo: pa.Table, *, with_views: bool, model_cfg: dict) -> Any:
-    """Ray Data plan: read → decode + all views → :class:`EmbedStage` (same sizing as ``bifta label``)."""
+def embed_dataset(config: LabelConfig, todo: pa.Table, *, presets: dict[str, ViewPreset], model_cfg: dict) -> Any:
+    """Ray Data plan: read → decode + every preset's views → :class:`EmbedStage` (sized like ``bifta label``)."""
     import ray
     from ray.data import ActorPoolStrategy, DataContext
+
+    from pipelines.pipeline import worker_env
 
     ctx = DataContext.get_current()
     ctx.execution_options.preserve_order = True
@@ -226,37 +311,40 @@ def embed_dataset(config: LabelConfig, todo: pa.Table, *, with_views: bool, mode
     n = todo.num_rows
     chunk = max(config.batch_size * 2, math.ceil(n / 5000))
     ds = ray.data.from_arrow([todo.slice(i, chunk) for i in range(0, n, chunk)])
-    image_size = model_input_size(config.model.model)
-    preset = dataclasses.asdict(config.view_preset()) if with_views else None
+    preprocess = model_preprocess(config.model.model, config.model.pretrained)
     encoders = (config.num_encoders or max(1, gpus)) if gpus else (config.num_encoders or 1)
     enc_resources: dict[str, Any] = dict(num_gpus=1, num_cpus=1) if gpus else dict(num_cpus=1)
     threads = None if gpus else max(1, (os.cpu_count() or 1) // encoders)
     view_workers = max(1, cpus - encoders)
-    ds = ds.map_batches(read_batch, batch_size=config.batch_size, batch_format="numpy", num_cpus=0.25)
+    remote = worker_env(config)  # S3 settings reach every worker, as in bifta label
+    ds = ds.map_batches(read_batch, batch_size=config.batch_size, batch_format="numpy", num_cpus=0.25, **remote)
     ds = ds.map_batches(
-        ViewStage,
-        fn_constructor_kwargs=dict(image_size=image_size, preset=preset, seed=config.seed,
-                                   max_pixels=config.max_pixels, all_views=True),
+        EvalViewStage,
+        fn_constructor_kwargs=dict(image_size=preprocess["size"], seed=config.seed, max_pixels=config.max_pixels,
+                                   presets={k: dataclasses.asdict(v) for k, v in presets.items()},
+                                   resize_mode=preprocess["resize_mode"]),
         batch_size=config.batch_size,
         batch_format="numpy",
         compute=ActorPoolStrategy(min_size=1, max_size=view_workers),
         num_cpus=0.5,
+        **remote,
     )
     ds = ds.map_batches(
         EmbedStage,
         fn_constructor_kwargs=dict(
-            model_cfg=model_cfg, with_views=with_views, view_batch_size=config.view_batch_size, seed=config.seed,
+            model_cfg=model_cfg, presets=list(presets), view_batch_size=config.view_batch_size, seed=config.seed,
             pgs_keep=config.pgs_keep, pgs_whole_image=config.pgs_whole_image, torch_threads=threads,
         ),
         batch_size=config.batch_size,
         batch_format="numpy",
         compute=ActorPoolStrategy(size=encoders),
         **enc_resources,
+        **remote,
     )
     return ds
 
 
-def embeddings_meta(config: LabelConfig, *, with_views: bool, embed_dim: int | None = None) -> dict[str, Any]:
+def embeddings_meta(config: LabelConfig, presets: dict[str, ViewPreset], embed_dim: int | None = None) -> dict[str, Any]:
     """What an evaluation's image embeddings depend on (stored with ``--save-embeddings``)."""
     from bifta_core.eval_embeddings import EMBEDDINGS_FORMAT
 
@@ -267,7 +355,7 @@ def embeddings_meta(config: LabelConfig, *, with_views: bool, embed_dim: int | N
         "pretrained": m.pretrained,
         "model_identity": model_identity(m.model, m.pretrained, m.cache_dir),
         "embed_dim": embed_dim,
-        "views": dataclasses.asdict(config.view_preset()) if with_views else None,
+        "views": {name: dataclasses.asdict(p) for name, p in presets.items()},
         "seed": config.seed,
         "pgs_keep": config.pgs_keep,
         "pgs_whole_image": config.pgs_whole_image,

@@ -1,11 +1,13 @@
 """The evaluation workflow behind ``bifta evaluate``: encode once, score every method, report.
 
 ``run_evaluation(config, options)`` lists a labelled dataset, prepares the label set's text banks
-for every method (cached like ``bifta label``), encodes each image's whole view and all its views
-in one Ray Data pass (:mod:`pipelines.embed`) — or reads them back from a saved
-``embeddings.parquet`` — and streams the embeddings through
+for every method (cached like ``bifta label``), encodes each image's whole view and the views of
+every preset the rows need (WCA's and BiFTA's, each sampled as ``bifta label --method wca|bifta``
+samples them with the same view flags) in one Ray Data pass (:mod:`pipelines.embed`) — or reads
+them back from a saved ``embeddings.parquet`` — and streams the embeddings through
 :class:`bifta_core.evaluation.EvaluationAccumulator` on the driver. Outputs under ``options.out``:
-``metrics.parquet``, ``per_class.parquet``, ``predictions.parquet``, ``report.md`` with PNG plots,
+``metrics.parquet``, ``per_class.parquet``, ``predictions.parquet`` (each with ``model``,
+``pretrained`` and ``random_weights`` columns), ``report.md`` with PNG plots,
 ``evaluate_summary.json`` and, with ``save_embeddings``, ``embeddings.parquet``.
 """
 
@@ -16,6 +18,7 @@ import dataclasses
 import io
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -33,6 +36,7 @@ from bifta_core.eval_embeddings import (
     embeddings_to_batch,
     flat_to_batch,
     flat_to_embeddings,
+    meta_presets,
     read_meta,
 )
 from bifta_core.eval_report import render_report
@@ -44,6 +48,7 @@ from bifta_core.evaluation import (
     bank_specs_for,
     chunks,
     map_labels,
+    presets_for,
     select_methods,
     usable_methods,
 )
@@ -82,10 +87,15 @@ class EvaluateOptions:
             raise ConfigError("no output location given: pass --out PATH")
         if self.save_embeddings and self.from_embeddings:
             raise ConfigError("--save-embeddings and --from-embeddings exclude each other (the embeddings exist)")
-        if not self.logit_scale > 0:
-            raise ConfigError(f"--logit-scale must be positive, got {self.logit_scale}")
+        if not self.label_column or not str(self.label_column).strip():
+            raise ConfigError("--label-column must name a column, got an empty name")
+        if not (self.logit_scale > 0 and math.isfinite(self.logit_scale)):
+            raise ConfigError(f"--logit-scale must be a positive number, got {self.logit_scale}")
         if isinstance(self.bins, bool) or not isinstance(self.bins, int) or self.bins < 1:
             raise ConfigError(f"--bins must be a positive integer, got {self.bins!r}")
+        if isinstance(self.score_chunk, bool) or not isinstance(self.score_chunk, int) or self.score_chunk < 1:
+            raise ConfigError(f"score_chunk must be a positive integer, got {self.score_chunk!r}")
+        select_methods(self.methods)  # unknown row names are an error naming the valid ones
         return self
 
 
@@ -102,7 +112,11 @@ def read_embeddings_meta(location: str) -> dict[str, Any]:
     if not storage.exists(path):
         raise InputError(f"no embeddings at {path} (write them with bifta evaluate --save-embeddings)")
     with storage.open_input(path) as fh:
-        schema = pq.read_schema(fh)
+        try:
+            schema = pq.read_schema(fh)
+        except (pa.ArrowException, OSError) as exc:
+            raise InputError(f"{path} is not a readable Parquet file ({str(exc).splitlines()[0] if str(exc) else exc}); "
+                             "pass a folder or file written by bifta evaluate --save-embeddings") from None
     return read_meta(schema, path)
 
 
@@ -121,6 +135,7 @@ def run_evaluation(
     config: LabelConfig, options: EvaluateOptions, *, on_progress: Callable[[dict], None] | None = None
 ) -> dict[str, Any]:
     """Evaluate every method on the labelled inputs of ``config``; returns the written summary."""
+    from bifta_core.models import is_vit_architecture
     from pipelines.embed import load_eval_label_set, prepare_eval_label_set
     from pipelines.pipeline import model_config
 
@@ -128,21 +143,24 @@ def run_evaluation(
     config.validate()
     started = time.time()
     protocol = options.protocol(config.seed)
-    label_set = load_eval_label_set(config)
     stored_meta = read_embeddings_meta(options.from_embeddings) if options.from_embeddings else None
-    has_views = stored_meta is None or stored_meta.get("views") is not None
+    if stored_meta is None and config.pgs_keep is not None and config.pgs_keep < 1.0 \
+            and not is_vit_architecture(config.model.model):
+        raise ConfigError(f"--pgs-keep needs a ViT image tower; {config.model.model} is not supported by CLIP-PGS")
+    label_set = load_eval_label_set(config)
+    stored_presets = meta_presets(stored_meta) if stored_meta is not None else None
 
     selected = select_methods(options.methods)
     methods, skipped = usable_methods(label_set, selected)
-    if not has_views:
-        for m in [m for m in methods if m.uses_views]:
-            skipped[m.name] = "the saved embeddings hold no views"
-        methods = [m for m in methods if not m.uses_views]
+    if stored_presets is not None:
+        for m in [m for m in methods if m.uses_views and m.preset not in stored_presets]:
+            skipped[m.name] = f"the saved embeddings hold no {m.preset} views"
+        methods = [m for m in methods if m.name not in skipped]
     for reason, names in _group_by_reason(skipped).items():
         logger.info("skipping %s: %s", ", ".join(names), reason)
     if not methods:
-        raise ConfigError("no method can be evaluated with this label set: " + "; ".join(skipped.values()))
-    with_views = any(m.uses_views for m in methods)
+        raise ConfigError("no method can be evaluated with this label set: " + "; ".join(dict.fromkeys(skipped.values())))
+    preset_names = presets_for(methods)
 
     storage.check_writable(options.out)
     specs = bank_specs_for(methods, config.desc_threshold, config.desc_top_k)
@@ -158,25 +176,24 @@ def run_evaluation(
     encode_started = time.time()
     if options.from_embeddings:
         source = embeddings_path(options.from_embeddings)
-        for batch, n in _stored_batches(source, label_set):
+        views_used = {p: stored_meta["views"][p] for p in preset_names}
+        for batch, n in _stored_batches(source, label_set, preset_names):
             inputs_n += n
             _feed(acc, batch, emb, options.score_chunk)
     else:
-        from pipelines.embed import list_eval_inputs
+        from pipelines.embed import embeddings_meta, list_eval_inputs, view_presets
 
         source = "encoded in this run"
+        presets = view_presets(config, preset_names)
+        views_used = {p: dataclasses.asdict(v) for p, v in presets.items()}
         inputs = list_eval_inputs(config.input, options.label_column, config.limit)
         inputs_n = inputs.num_rows
         truth = dict(zip(inputs.column("image_id").to_pylist(),
                          map_labels(inputs.column("true_label").to_pylist(), label_set.classes,
                                     label_set.synonyms, label_set.name)))
-        save_meta = None
-        if options.save_embeddings:
-            from pipelines.embed import embeddings_meta
-
-            save_meta = embeddings_meta(config, with_views=with_views)
-        with _EmbeddingSink(options.out if options.save_embeddings else None, save_meta) as sink:
-            for table in _encoded_tables(config, inputs, with_views, mcfg):
+        save_meta = embeddings_meta(config, presets) if options.save_embeddings else None
+        with _EmbeddingSink(options.out if options.save_embeddings else None, save_meta, preset_names) as sink:
+            for table in _encoded_tables(config, inputs, presets, mcfg):
                 ok = table.filter(pa.compute.equal(table.column("status"), "ok"))
                 for reason in table.filter(pa.compute.equal(table.column("status"), "error")).column("error").to_pylist():
                     key = str(reason or "unknown error").split(":")[0]
@@ -184,7 +201,8 @@ def run_evaluation(
                 if ok.num_rows:
                     dim = len(ok.column("image_emb")[0])
                     ids = [str(i) for i in ok.column("image_id").to_pylist()]
-                    _feed(acc, flat_to_batch(ok, [truth[i] for i in ids], dim), emb, options.score_chunk)
+                    _feed(acc, flat_to_batch(ok, [truth[i] for i in ids], dim, preset_names), emb,
+                          options.score_chunk)
                     sink.add(ok, dim)
                 if on_progress:
                     on_progress({"done": acc.num_images + sum(errors.values()), "total": inputs_n,
@@ -193,11 +211,14 @@ def run_evaluation(
     if acc.num_images == 0:
         raise InputError(f"no image could be evaluated ({sum(errors.values())} errors: {errors})")
 
-    metrics = acc.metrics(options.bins)
-    per_class = acc.per_class()
-    predictions = acc.predictions()
     model_name = stored_meta["model"] if stored_meta else config.model.model
     pretrained = stored_meta["pretrained"] if stored_meta else config.model.pretrained
+    random_weights = pretrained == "random"
+    provenance = [pl.lit(str(model_name)).alias("model"), pl.lit(str(pretrained)).alias("pretrained"),
+                  pl.lit(random_weights).alias("random_weights")]
+    metrics = acc.metrics(options.bins).with_columns(provenance)
+    per_class = acc.per_class().with_columns(provenance)
+    predictions = acc.predictions().with_columns(provenance)
     context = {
         "model": model_name,
         "pretrained": pretrained,
@@ -205,11 +226,10 @@ def run_evaluation(
         "classes": label_set.num_classes,
         "images": acc.num_images,
         "errors": sum(errors.values()),
-        "views": _views_text(stored_meta["views"] if stored_meta else
-                             (dataclasses.asdict(config.view_preset()) if with_views else None)),
+        "views": _views_text(views_used),
         "skipped": skipped,
         "protocol": dataclasses.asdict(protocol) if protocol else None,
-        "random_weights": pretrained == "random",
+        "random_weights": random_weights,
         "source": source,
     }
     out = options.out
@@ -230,7 +250,8 @@ def run_evaluation(
                       "cache_hit": cache_hit, "seconds": round(label_set_seconds, 3)},
         "model": model_name,
         "pretrained": pretrained,
-        "random_weights": pretrained == "random",
+        "random_weights": random_weights,
+        "views": views_used,
         "protocol": context["protocol"],
         "score_params": dataclasses.asdict(params),
         "from_embeddings": options.from_embeddings,
@@ -252,21 +273,26 @@ def _group_by_reason(skipped: dict[str, str]) -> dict[str, list[str]]:
     return grouped
 
 
-def _views_text(views: dict | None) -> str | None:
+def _views_text(views: dict[str, dict] | None) -> str | None:
+    """``{preset: settings}`` → one line per preset, joined by ``; ``."""
     if not views:
         return None
-    iou = views.get("iou_threshold")
-    refine = f", IoU refinement > {iou} dropped (max {views.get('max_views')})" if iou is not None else ""
-    return f"{views.get('num_views')} sampled per image, scale {tuple(views.get('scale', ()))}{refine}"
+    parts = []
+    for name, v in views.items():
+        iou = v.get("iou_threshold")
+        refine = (f", IoU refinement > {iou} dropped (max {v.get('max_views')} kept)" if iou is not None
+                  else f", no IoU refinement (max {v.get('max_views')} kept)")
+        parts.append(f"{name}: {v.get('num_views')} sampled per image, scale {tuple(v.get('scale', ()))}{refine}")
+    return "; ".join(parts)
 
 
-def _encoded_tables(config: LabelConfig, inputs: pa.Table, with_views: bool, mcfg: dict) -> Iterator[pa.Table]:
+def _encoded_tables(config: LabelConfig, inputs: pa.Table, presets: dict, mcfg: dict) -> Iterator[pa.Table]:
     """Run the Ray Data encoding pass; yields the encode actors' output blocks on the driver."""
     from pipelines.embed import embed_dataset
     from pipelines.pipeline import _unwrap, ensure_ray
 
     ensure_ray()
-    ds = embed_dataset(config, inputs, with_views=with_views, model_cfg=mcfg)
+    ds = embed_dataset(config, inputs, presets=presets, model_cfg=mcfg)
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             yield batch
@@ -277,23 +303,28 @@ def _encoded_tables(config: LabelConfig, inputs: pa.Table, with_views: bool, mcf
         raise
 
 
-def _stored_batches(path: str, label_set) -> Iterator[tuple[ImageBatch, int]]:
-    """Read saved embeddings in row groups → (batch, rows) with labels mapped to ``label_set``."""
+def _stored_batches(path: str, label_set, presets: list[str]) -> Iterator[tuple[ImageBatch, int]]:
+    """Read saved embeddings in row groups → (batch, rows) with labels mapped to ``label_set``.
+
+    Only the columns of ``presets`` (those the scored rows need) are read."""
     with storage.open_input(path) as fh:
         pf = pq.ParquetFile(fh)
         read_meta(pf.schema_arrow, path)
-        for rb in pf.iter_batches(batch_size=256):
+        columns = ["image_id", "true_label", "image_emb"]
+        columns += [f"{p}_{c}" for p in presets for c in ("image_emb", "view_emb", "view_kept")]
+        for rb in pf.iter_batches(batch_size=256, columns=columns):
             labels = rb.column("true_label").to_pylist()
             idx = map_labels(labels, label_set.classes, label_set.synonyms, label_set.name)
-            yield embeddings_to_batch(rb, idx), rb.num_rows
+            yield embeddings_to_batch(rb, idx, presets), rb.num_rows
 
 
 class _EmbeddingSink:
     """Streams ``embeddings.parquet`` while the encoding pass runs (no-op when ``out`` is None)."""
 
-    def __init__(self, out: str | None, meta: dict[str, Any] | None) -> None:
+    def __init__(self, out: str | None, meta: dict[str, Any] | None, presets: list[str]) -> None:
         self.out = out
         self.meta = meta
+        self.presets = presets
         self._stack = contextlib.ExitStack()
         self._writer: pq.ParquetWriter | None = None
 
@@ -303,11 +334,11 @@ class _EmbeddingSink:
     def add(self, ok_rows: pa.Table, dim: int) -> None:
         if self.out is None:
             return
-        table = flat_to_embeddings(ok_rows, dim)
+        table = flat_to_embeddings(ok_rows, dim, self.presets)
         if self._writer is None:
             meta = dict(self.meta or {}, embed_dim=dim)
             fh = self._stack.enter_context(storage.open_output(storage.join(self.out, EMBEDDINGS_FILE)))
-            self._writer = pq.ParquetWriter(fh, embeddings_schema(dim, meta), compression="zstd")
+            self._writer = pq.ParquetWriter(fh, embeddings_schema(dim, self.presets, meta), compression="zstd")
         self._writer.write_table(table.cast(self._writer.schema))
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -1,8 +1,9 @@
 """``bifta evaluate``: every method from one encoding pass, on real ImageNet photos.
 
 Runs the real Ray pipeline once (12 photos of ``../shared/datasets/imagenet-sample``, the tiny
-random-weight ViT, 10 views per image) against the 1000 ImageNet classes of
-``../shared/descriptions/imagenet``. To keep text encoding affordable on a small CPU the label set
+random-weight ViT, 10 views per image and preset) against the 1000 ImageNet classes of
+``../shared/descriptions/imagenet``. A second, smaller run (6 photos, 60 classes) is compared with
+``bifta label --method clip|wca|bifta`` on the same images, seed and model. To keep text encoding affordable on a small CPU the label set
 is a copy with the first 6 CuPL sentences, 3 descriptors and 3 templates per class (the tiny model
 encodes ~800 texts/s; the full files hold ~117k texts). With random weights accuracies are
 meaningless, so the tests check structure and the identities that must hold exactly.
@@ -21,8 +22,8 @@ import pytest
 import torch
 
 from bifta_core.errors import InputError
-from bifta_core.eval_embeddings import embeddings_to_batch
-from bifta_core.evaluation import ImageBatch, map_labels, method_names, scores_for, select_methods
+from bifta_core.eval_embeddings import embeddings_to_batch, meta_presets
+from bifta_core.evaluation import ImageBatch, ViewSet, map_labels, method_names, scores_for, select_methods
 from bifta_core.predict import ScoreParams
 
 N_IMAGES = 12
@@ -99,7 +100,8 @@ def _scores_by_method(out: Path, method: str) -> torch.Tensor:
 
 def _embeddings(out: Path) -> tuple[ImageBatch, list[str]]:
     table = pq.read_table(out / "embeddings.parquet")
-    return embeddings_to_batch(table, [0] * table.num_rows), table.column("true_label").to_pylist()
+    presets = meta_presets(json.loads(table.schema.metadata[b"bifta"]))
+    return embeddings_to_batch(table, [0] * table.num_rows, presets), table.column("true_label").to_pylist()
 
 
 def _label_set_embeddings(label_set: Path, work: Path, methods: list[str] | None = None):
@@ -146,7 +148,20 @@ def test_metrics_have_every_method_and_the_contract_columns(evaluated: Path) -> 
         assert (evaluated / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "random model weights" in report
     summary = json.loads((evaluated / "evaluate_summary.json").read_text())
-    assert summary["images"] == N_IMAGES and summary["errors"] == 0
+    assert summary["images"] == N_IMAGES and summary["errors"] == 0 and summary["random_weights"] is True
+
+
+def test_every_table_says_which_model_and_that_weights_are_random(evaluated: Path) -> None:
+    for name in ("metrics.parquet", "per_class.parquet", "predictions.parquet"):
+        df = pl.read_parquet(evaluated / name)
+        assert df.schema["random_weights"] == pl.Boolean, name
+        assert df["random_weights"].to_list() == [True] * df.height, name
+        assert set(df["model"].to_list()) == {"bifta-tiny-vit"} and set(df["pretrained"].to_list()) == {"random"}
+    metrics = pl.read_parquet(evaluated / "metrics.parquet")
+    presets = dict(zip(metrics["method"].to_list(), metrics["view_preset"].to_list()))
+    assert presets["clip"] is None and presets["cupl"] is None
+    assert {presets[m] for m in ("wca", "wca+refined-desc", "wca/sum")} == {"wca"}
+    assert {presets[m] for m in method_names() if m.startswith("bifta")} == {"bifta"}
 
 
 def test_protocol_reports_mean_and_std_over_runs(evaluated: Path) -> None:
@@ -175,12 +190,14 @@ def test_methods_differ_where_they_must(evaluated: Path) -> None:
 
 def test_view_refinement_only_matters_for_images_that_lost_views(evaluated: Path) -> None:
     batch, _ = _embeddings(evaluated)
-    assert batch.view_kept is not None and batch.view_mask is not None
-    full = (batch.view_kept == batch.view_mask).all(dim=1)
+    bifta = batch.views["bifta"]
+    full = (bifta.view_kept == bifta.view_mask).all(dim=1)
     assert not bool(full.all()), "IoU 0.3 should drop some views; pick a stricter threshold"
     ids = batch.image_ids
     preds = _predictions(evaluated)
-    for all_views, kept_views in (("wca", "bifta-unrefined-desc"), ("wca+refined-desc", "bifta")):
+    # The view-refinement ablation is on BiFTA's views: all sampled vs kept by IoU refinement.
+    for all_views, kept_views in (("bifta-unrefined-desc-views", "bifta-unrefined-desc"),
+                                  ("bifta-unrefined-views", "bifta")):
         a = preds.filter(pl.col("method") == all_views).sort("image_id")
         b = preds.filter(pl.col("method") == kept_views).sort("image_id")
         order = {i: k for k, i in enumerate(a["image_id"].to_list())}
@@ -191,15 +208,35 @@ def test_view_refinement_only_matters_for_images_that_lost_views(evaluated: Path
         assert not all(same)
 
 
+def test_wca_and_bifta_rows_use_their_own_views(evaluated: Path) -> None:
+    batch, _ = _embeddings(evaluated)
+    assert set(batch.views) == {"wca", "bifta"}
+    wca, bifta = batch.views["wca"], batch.views["bifta"]
+    # Different scale ranges, so different crops; and each preset's whole image is decoded at its own
+    # working resolution (1/alpha × the input size), as bifta label decodes it for that method.
+    assert not torch.allclose(wca.view_emb, bifta.view_emb)
+    assert not torch.equal(wca.image_emb, bifta.image_emb)
+    assert not torch.equal(batch.image_emb, bifta.image_emb)
+    # --iou-threshold overrides both presets (as in bifta label), so WCA's views are refined too here.
+    assert not bool((wca.view_kept == wca.view_mask).all())
+
+
 def test_embeddings_file_layout(evaluated: Path) -> None:
     table = pq.read_table(evaluated / "embeddings.parquet")
     assert table.num_rows == N_IMAGES
     assert str(table.schema.field("image_emb").type) == "fixed_size_list<element: float>[64]"
-    assert table.schema.field("view_emb").type.value_type.list_size == 64
-    assert [len(v) for v in table.column("view_kept").to_pylist()] == [10] * N_IMAGES
+    for p in ("wca", "bifta"):
+        assert str(table.schema.field(f"{p}_image_emb").type) == "fixed_size_list<element: float>[64]"
+        assert table.schema.field(f"{p}_view_emb").type.value_type.list_size == 64
+        assert [len(v) for v in table.column(f"{p}_view_kept").to_pylist()] == [10] * N_IMAGES
+        assert [len(v) for v in table.column(f"{p}_view_emb").to_pylist()] == [10] * N_IMAGES
     meta = json.loads(table.schema.metadata[b"bifta"])
-    assert meta["model"] == "bifta-tiny-vit" and meta["pretrained"] == "random"
-    assert meta["views"]["num_views"] == 10 and meta["seed"] == 3
+    assert meta["format"] == 2
+    assert meta["model"] == "bifta-tiny-vit" and meta["pretrained"] == "random" and meta["seed"] == 3
+    assert meta["views"]["wca"] == {"name": "wca", "scale": [0.1, 0.9], "num_views": 10, "iou_threshold": 0.3,
+                                    "max_views": 10}
+    assert meta["views"]["bifta"] == {"name": "bifta", "scale": [0.5, 0.9], "num_views": 10, "iou_threshold": 0.3,
+                                      "max_views": 10}
 
 
 # ----------------------------------------------------------------------------- re-scoring
@@ -287,8 +324,9 @@ def test_wca_with_the_whole_image_as_only_view_and_uniform_weights_equals_cupl(e
     batch, labels = _embeddings(evaluated)
     ls, emb = _label_set_embeddings(label_set, work)
     batch.true_index = torch.tensor(map_labels(labels, ls.classes, ls.synonyms))
-    whole = ImageBatch(batch.image_ids, batch.true_index, batch.image_emb, batch.image_emb[:, None, :],
-                       torch.ones(len(batch), 1, dtype=torch.bool), torch.ones(len(batch), 1, dtype=torch.bool))
+    ones = torch.ones(len(batch), 1, dtype=torch.bool)
+    whole = ImageBatch(batch.image_ids, batch.true_index, batch.image_emb,
+                       {"wca": ViewSet(batch.image_emb, batch.image_emb[:, None, :], ones, ones)})
     methods = {m.name: m for m in select_methods(None)}
     # exp(-inf) = 0 turns the description softmax into a uniform average.
     uniform = ScoreParams(image_scale=4.0, text_scale=float("-inf"))
@@ -348,3 +386,155 @@ def test_bad_method_and_protocol_flags(label_set: Path, manifest: Path, tmp_path
     assert rc == 2 and "magic" in capsys.readouterr().err
     rc = main([str(manifest), "--labels", str(label_set), "--out", str(tmp_path), "--protocol-runs", "3"])
     assert rc == 2 and "--protocol-views" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------- evaluate == bifta label
+
+
+SMALL_IMAGES = 6
+SMALL_FLAGS = ["--num-views", "8", "--seed", "1", "--batch-size", "3"]
+
+
+@pytest.fixture(scope="module")
+def small_label_set(descriptions_dir: Path, work: Path) -> Path:
+    """The first 60 ImageNet classes (the first 6 sample photos are among them), 4 CuPL sentences each."""
+    src = descriptions_dir / "imagenet"
+    dest = work / "imagenet-60"
+    dest.mkdir()
+    classes = json.loads((src / "classes.json").read_text())[:60]
+    cupl = json.loads((src / "cupl.json").read_text())
+    (dest / "classes.json").write_text(json.dumps(classes))
+    (dest / "cupl.json").write_text(json.dumps({c: cupl[c][:4] for c in classes}))
+    return dest
+
+
+@pytest.fixture(scope="module")
+def small_manifest(imagenet_sample: Path, work: Path) -> Path:
+    return write_manifest(imagenet_sample, work / "small.csv", SMALL_IMAGES)
+
+
+def test_wca_bifta_and_clip_rows_predict_what_bifta_label_predicts(small_label_set: Path, small_manifest: Path,
+                                                                    work: Path) -> None:
+    """Same images, seed, model and view flags: evaluate's rows equal ``run_label_job``'s predictions."""
+    from bifta_core.config import LabelConfig, ModelConfig
+    from bifta_core.seeding import generator_for
+    from bifta_core.views import refine_boxes, sample_boxes
+    from jobs.evaluate import main
+    from PIL import Image
+    from pipelines.pipeline import run_label_job
+
+    out = work / "small-eval"
+    rc = main([str(small_manifest), "--labels", str(small_label_set), "--out", str(out), *MODEL_FLAGS, *SMALL_FLAGS,
+               "--method", "clip", "--method", "wca,bifta", "--save-embeddings",
+               "--labelset-cache", str(work / "lscache"), "--quiet"])
+    assert rc == 0
+    metrics = pl.read_parquet(out / "metrics.parquet")
+    assert metrics["method"].to_list() == ["clip", "wca", "bifta"]  # --method is --methods, repeatable
+    preds = _predictions(out)
+
+    # The saved views are the label pipeline's boxes: WCA samples 8 at 0.1-0.9 and keeps all of them;
+    # BiFTA samples 8 at 0.5-0.9 and keeps those IoU refinement (0.85) keeps, seeded per image.
+    table = pq.read_table(out / "embeddings.parquet")
+    for image_id, wca_kept, bifta_kept in zip(table.column("image_id").to_pylist(),
+                                               table.column("wca_view_kept").to_pylist(),
+                                               table.column("bifta_view_kept").to_pylist()):
+        assert wca_kept == [True] * 8
+        with Image.open(image_id) as im:
+            w, h = im.size
+        boxes = sample_boxes(w, h, 8, (0.5, 0.9), generator_for(1, image_id))
+        expected = [False] * 8
+        for k in refine_boxes(boxes, 0.85, 100).tolist():
+            expected[k] = True
+        assert bifta_kept == expected, image_id
+
+    for method in ("clip", "wca", "bifta"):
+        config = LabelConfig(input=str(small_manifest), labels=[str(small_label_set)], out=str(work / f"label-{method}"),
+                             method=method, num_views=8, seed=1, batch_size=3, labelset_cache=str(work / "lscache"),
+                             model=ModelConfig(model="bifta-tiny-vit", pretrained="random", device="cpu"))
+        summary = run_label_job(config)
+        assert summary["ok"] == SMALL_IMAGES
+        labelled = pl.read_parquet(work / f"label-{method}" / "part-*.parquet").sort("image_id")
+        evaluated_rows = preds.filter(pl.col("method") == method).sort("image_id")
+        assert labelled["image_id"].to_list() == evaluated_rows["image_id"].to_list()
+        assert labelled["label"].to_list() == evaluated_rows["label"].to_list(), method
+        assert labelled["topk_labels"].to_list() == evaluated_rows["top5_labels"].to_list(), method
+        # Same crops, same embeddings; only the padding width of a scoring batch (the most views any
+        # image in it kept) may differ, which moves a refined BiFTA score by float32 rounding at most.
+        assert torch.allclose(torch.tensor(labelled["score"].to_list(), dtype=torch.float64),
+                              torch.tensor(evaluated_rows["score"].to_list(), dtype=torch.float64),
+                              rtol=0, atol=1e-6), method
+    # …and the rows are not the same method: WCA and BiFTA see different views.
+    wca = preds.filter(pl.col("method") == "wca").sort("image_id")["score"].to_list()
+    bifta = preds.filter(pl.col("method") == "bifta").sort("image_id")["score"].to_list()
+    assert wca != bifta
+
+
+# ----------------------------------------------------------------------------- user errors
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:"), err
+    return err[0]
+
+
+def test_old_or_foreign_embeddings_files_are_one_clear_error(label_set: Path, tmp_path: Path, capsys) -> None:
+    import pyarrow as pa
+
+    from jobs.evaluate import main
+
+    old = tmp_path / "old" / "embeddings.parquet"
+    old.parent.mkdir()
+    vec = pa.list_(pa.float32(), 2)
+    table = pa.table({"image_id": ["a"], "true_label": ["tench"],
+                      "image_emb": pa.array([[1.0, 0.0]], vec),
+                      "view_emb": pa.array([[[1.0, 0.0]]], pa.list_(vec)),
+                      "view_kept": pa.array([[True]], pa.list_(pa.bool_()))})
+    meta = {"format": 1, "model": "bifta-tiny-vit", "pretrained": "random", "views": {"num_views": 1}}
+    pq.write_table(table.replace_schema_metadata({b"bifta": json.dumps(meta).encode()}), old)
+    rc = main(["--from-embeddings", str(old.parent), "--labels", str(label_set), "--out", str(tmp_path / "o"), "--quiet"])
+    assert rc == 2
+    line = _one_error_line(capsys)
+    assert "format 1" in line and "re-encode" in line
+
+    junk = tmp_path / "junk.parquet"
+    junk.write_bytes(b"not parquet at all")
+    rc = main(["--from-embeddings", str(junk), "--labels", str(label_set), "--out", str(tmp_path / "o"), "--quiet"])
+    assert rc == 2
+    assert "not a readable Parquet file" in _one_error_line(capsys)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "0"], "--batch-size"),
+    (["--batch-size", "-3"], "--batch-size"),
+    (["--view-batch-size", "0"], "--view-batch-size"),
+    (["--num-views", "0"], "--num-views"),
+    (["--limit", "0"], "--limit"),
+    (["--bins", "0"], "--bins"),
+    (["--logit-scale", "0"], "--logit-scale"),
+    (["--logit-scale", "nan"], "--logit-scale"),
+    (["--image-scale", "inf"], "--image-scale"),
+    (["--protocol-runs", "0", "--protocol-views", "3"], "--protocol-runs"),
+    (["--method", ","], "--method"),
+    (["--method", "wca", "--method", "magic"], "magic"),
+    (["--iou-threshold", "2"], "--iou-threshold"),
+    (["--scale", "0.9,0.1"], "--scale"),
+    (["--bins", "ten"], "--bins"),
+    (["--view-preset", "wca"], "--view-preset"),
+    (["--from-embeddings", "x", "--save-embeddings"], "exclude each other"),
+])
+def test_bad_flags_are_one_error_line_before_any_work(flags: list[str], message: str, label_set: Path,
+                                                      manifest: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    import pipelines.evaluate as ev
+    from jobs.evaluate import main
+
+    def no_work(*a, **k):
+        raise AssertionError("a bad flag must be refused before any work starts")
+
+    monkeypatch.setattr(ev, "run_evaluation", no_work)
+    try:
+        rc = main([str(manifest), "--labels", str(label_set), "--out", str(tmp_path / "o"), *flags])
+    except SystemExit as exc:  # flag syntax errors exit from argparse, with the same one line
+        rc = exc.code
+    assert rc == 2
+    assert message in _one_error_line(capsys)

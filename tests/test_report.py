@@ -243,3 +243,79 @@ def test_agreement_and_confusions(table: pl.LazyFrame) -> None:
         analytics.agreement(table, other.filter(pl.col("status") != "ok"))
     with pytest.raises(InputError, match="missing column"):
         analytics.check_columns(table.drop("margin"))
+
+
+# ------------------------------------------------------------------------ streaming, errors
+
+
+def test_review_queue_is_streamed_to_files_never_collected(tmp_path: Path, monkeypatch) -> None:
+    from jobs.report import write_review
+
+    n = 300_000
+    lf = pl.LazyFrame({"i": range(n)}).select(
+        image_id=pl.format("img-{}", pl.col("i")),
+        uri=pl.format("s3://b/img-{}.jpg", pl.col("i")),
+        status=pl.lit("ok"),
+        error=pl.lit(None, dtype=pl.String),
+        label=pl.lit("cat"),
+        score=(pl.col("i") % 100) / 100.0,
+        margin=(pl.col("i") % 1000) / 1000.0,
+        label_set=pl.lit("pets"),
+        topk_labels=pl.concat_list(pl.lit("cat"), pl.lit("dog")),
+        topk_scores=pl.concat_list(pl.lit(0.5), pl.lit(0.25)),
+    )
+    heights: list[int] = []
+    collect = pl.LazyFrame.collect
+
+    def recording_collect(self, *args, **kwargs):
+        out = collect(self, *args, **kwargs)
+        heights.append(out.height)
+        return out
+
+    monkeypatch.setattr(pl.LazyFrame, "collect", recording_collect)
+    counts = write_review(analytics.review_queue(lf, min_margin=0.5), str(tmp_path))
+    monkeypatch.undo()
+    assert counts == {"rows": n // 2, "images": n // 2}
+    assert max(heights, default=0) <= 1, "the review queue must be streamed to files, not collected"
+    review = pl.scan_parquet(tmp_path / "review.parquet")
+    assert review.select(pl.len()).collect().item() == n // 2
+    assert review.collect_schema()["topk_labels"] == pl.List(pl.String)
+    csv_rows = pl.scan_csv(tmp_path / "review.csv")
+    assert csv_rows.select(pl.len()).collect().item() == n // 2
+    first = csv_rows.head(1).collect().row(0, named=True)
+    assert first["topk_labels"] == "cat|dog" and first["margin"] == 0.0
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")], "staging files left behind"
+
+
+def test_review_csv_joins_list_columns(clip_run: Path, tmp_path: Path, capsys) -> None:
+    rc, _, _ = _report([str(clip_run), "--min-margin", "1", "--report-out", str(tmp_path), "--quiet"], capsys)
+    assert rc == 0
+    csv_rows = pl.read_csv(tmp_path / "review.csv")
+    review = pl.read_parquet(tmp_path / "review.parquet")
+    assert csv_rows.height == review.height > 0
+    assert csv_rows["topk_labels"].to_list() == ["|".join(v) for v in review["topk_labels"].to_list()]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--top", "0"], "--top"),
+    (["--min-margin", "nan"], "--min-margin"),
+    (["--min-score", "inf"], "--min-score"),
+    (["--no-min-margin"], "--min-score"),
+    (["--top", "ten"], "--top"),
+    (["--report-out", ""], "--report-out"),
+])
+def test_bad_report_flags_are_one_error_line(flags: list[str], message: str, tmp_path: Path, capsys) -> None:
+    try:
+        rc, _, err = _report([str(tmp_path), *flags], capsys)
+    except SystemExit as exc:  # flag syntax errors exit from argparse, with the same one line
+        rc, err = exc.code, capsys.readouterr().err
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], lines
+
+
+def test_unreadable_prediction_files_are_one_error_line(tmp_path: Path, capsys) -> None:
+    (tmp_path / "part-00000.parquet").write_bytes(b"PAR1 this is not a parquet file PAR1")
+    rc, _, err = _report([str(tmp_path)], capsys)
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("error:"), lines
