@@ -42,7 +42,7 @@ def _stage(model, num_views: int) -> ViewStage:
 
 @pytest.mark.parametrize("num_views, expect_crops", [(2, True), (100, False)])
 def test_stage_ships_the_smaller_form(tiny_vit_model, num_views, expect_crops):
-    out = _stage(tiny_vit_model, num_views)(_batch(_jpeg(640, 480)))
+    out = _stage(tiny_vit_model, num_views)(_batch(_jpeg(640, 480))).to_pydict()
     kept = int(out["views_kept"][0])
     s = tiny_vit_model.image_size
     if expect_crops:
@@ -55,7 +55,7 @@ def test_stage_ships_the_smaller_form(tiny_vit_model, num_views, expect_crops):
 
 def test_both_forms_give_identical_view_embeddings(tiny_vit_model):
     data = _jpeg(640, 480)
-    out = _stage(tiny_vit_model, 2)(_batch(data))
+    out = _stage(tiny_vit_model, 2)(_batch(data)).to_pydict()
     assert out["crops"][0], "this setting must ship crops"
     encoder = ViewEncoder(tiny_vit_model, view_batch_size=8, seed=0, pgs_keep=None, pgs_whole_image=False)
     shipped, mask_a = encoder.encode_views([b""], [(0, 0)], [out["boxes"][0]], ["img-1"], [out["crops"][0]])
