@@ -99,7 +99,9 @@ def test_scaling_bench_smoke(tmp_path):
     assert result["benchmark"] == "scaling"
     assert SCALING_KEYS <= set(result)
     assert SCALING_TARGETS == set(result["targets"])
-    assert [r["images"] for r in result["runs"]] == [4, 4, 8]
+    # warm-up N, the one-batch start-up run (default --batch-size 8, capped by the 8 images), N, 2×N
+    assert [r["name"] for r in result["runs"]] == ["warm-up", "start-up", "N", "2xN"]
+    assert [r["images"] for r in result["runs"]] == [4, 8, 4, 8]
     assert result["targets"]["no_error_rows"]["ok"] is True
 
 
