@@ -40,6 +40,14 @@ def _check_2d(x: torch.Tensor, name: str) -> None:
         raise ConfigError(f"{name} must be a 2-D tensor, got {shape}")
 
 
+def _check_pair(a: torch.Tensor, a_name: str, b: torch.Tensor, b_name: str) -> None:
+    """Two 2-D embedding matrices of the same width."""
+    _check_2d(a, a_name)
+    _check_2d(b, b_name)
+    if a.shape[1] != b.shape[1]:
+        raise ConfigError(f"{a_name} and {b_name} have different embedding sizes")
+
+
 def _check_desc_class(desc_class: torch.Tensor, num_desc: int, num_classes: int) -> torch.Tensor:
     """Validate the description-to-class map and that every class has a description."""
     if not isinstance(desc_class, torch.Tensor) or desc_class.ndim != 1:
@@ -67,10 +75,7 @@ def clip_scores(image_emb: torch.Tensor, class_emb: torch.Tensor) -> torch.Tenso
     Returns:
         float32 ``[B, C]``.
     """
-    _check_2d(image_emb, "image_emb")
-    _check_2d(class_emb, "class_emb")
-    if image_emb.shape[1] != class_emb.shape[1]:
-        raise ConfigError("image_emb and class_emb have different embedding sizes")
+    _check_pair(image_emb, "image_emb", class_emb, "class_emb")
     return _unit(image_emb) @ _unit(class_emb).T
 
 
@@ -108,10 +113,7 @@ def mean_scores(
     Returns:
         float32 ``[B, C]``.
     """
-    _check_2d(image_emb, "image_emb")
-    _check_2d(desc_emb, "desc_emb")
-    if image_emb.shape[1] != desc_emb.shape[1]:
-        raise ConfigError("image_emb and desc_emb have different embedding sizes")
+    _check_pair(image_emb, "image_emb", desc_emb, "desc_emb")
     # Normalising the mean equals normalising the plain sum, so uniform weights of 1 suffice.
     ones = torch.ones(desc_emb.shape[0], dtype=torch.float32, device=desc_emb.device)
     class_vec = _unit(class_text_vectors(desc_emb, desc_class, ones, num_classes))

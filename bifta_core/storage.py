@@ -188,21 +188,22 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in _TRUE
 
 
-def _endpoint_url() -> str | None:
-    # The service-specific variable wins, as in botocore's own resolution order.
-    for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+def _first_env(*names: str) -> str | None:
+    """The first of ``names`` set to a non-blank value."""
+    for name in names:
         value = os.environ.get(name, "").strip()
         if value:
             return value
     return None
+
+
+def _endpoint_url() -> str | None:
+    # The service-specific variable wins, as in botocore's own resolution order.
+    return _first_env("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 
 
 def _region() -> str | None:
-    for name in ("AWS_REGION", "AWS_DEFAULT_REGION"):
-        value = os.environ.get(name, "").strip()
-        if value:
-            return value
-    return None
+    return _first_env("AWS_REGION", "AWS_DEFAULT_REGION")
 
 
 def s3_env(endpoint_url: str | None = None, region: str | None = None, anon: bool = False) -> dict[str, str]:
