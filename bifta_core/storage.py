@@ -634,21 +634,11 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
     multipart upload) becomes visible only when complete, which is atomic already.
     """
     if not is_remote(uri):
-        path = _local_path(uri)
-
         def write_local() -> None:
-            fd, tmp = _local_tmp_beside(path)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                _publish_local(tmp, path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
+            with open_output(uri) as f:  # temp file beside the target, fsync, rename
+                f.write(data)
 
+        # retries=0: no retry for local disks, only the translation of OS errors into StorageError.
         _with_retries(uri, write_local, retries=0, backoff=0.0)
         return
     fs, path = get_fs(uri)

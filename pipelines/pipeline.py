@@ -255,7 +255,8 @@ def _dataset(config, todo: pa.Table, label_sets, run_id, gpus, cpus, mcfg, schem
         **remote,
     )
     refs = [ray.put(ls) for ls in label_sets]
-    bank_key = bank_specs(config)[0].key if bank_specs(config) else None
+    specs = bank_specs(config)
+    bank_key = specs[0].key if specs else None
     ds = ds.map_batches(
         EncodeStage,
         fn_constructor_kwargs=dict(

@@ -6,6 +6,7 @@ object store), so embeddings never leave the device they were computed on.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,27 +47,22 @@ class Scorer:
         self.with_explanations = with_explanations
         self.label_sets = label_sets
         self.class_emb = [ls.class_emb.to(device) for ls in label_sets]
-        self.banks: list[TextBank | None] = []
-        for ls in label_sets:
-            bank = ls.banks.get(bank_key) if bank_key else None
-            if bank is not None:
-                bank = TextBank(
-                    key=bank.key,
-                    method=bank.method,
-                    texts=bank.texts,
-                    desc_class=bank.desc_class.to(device),
-                    desc_emb=bank.desc_emb.to(device),
-                    weights=bank.weights,
-                    pool_sizes=bank.pool_sizes,
-                )
-            self.banks.append(bank)
+        # Banks as loaded (CPU) serve explanations; a copy on the scoring device serves scores.
+        self.cpu_banks: list[TextBank | None] = [ls.banks.get(bank_key) if bank_key else None for ls in label_sets]
+        self.banks: list[TextBank | None] = [
+            None if b is None else dataclasses.replace(b, desc_class=b.desc_class.to(device), desc_emb=b.desc_emb.to(device))
+            for b in self.cpu_banks
+        ]
 
     def predict(
         self, image_emb: torch.Tensor, view_emb: torch.Tensor | None, view_mask: torch.Tensor | None
     ) -> list[dict[str, list]]:
         """Per label set, column lists ``label_index, label, score, topk_*, margin, explanation``."""
         results = []
-        for ls, class_emb, bank in zip(self.label_sets, self.class_emb, self.banks):
+        feats = None
+        if self.with_explanations:  # the same pooled features serve every label set
+            feats = pooled_image_features(image_emb, view_emb, view_mask, self.params.image_scale).cpu()
+        for ls, class_emb, bank, cpu_bank in zip(self.label_sets, self.class_emb, self.banks, self.cpu_banks):
             scores = method_scores(self.method, class_emb, image_emb, bank, view_emb, view_mask, self.params)
             top = top_k(scores, self.k)
             cols: dict[str, list] = {
@@ -77,12 +73,8 @@ class Scorer:
                 "topk_scores": top.scores.tolist(),
                 "margin": top.margin.tolist(),
             }
-            if self.with_explanations:
-                feats = pooled_image_features(image_emb, view_emb, view_mask, self.params.image_scale)
-                cpu_bank = None if bank is None else TextBank(
-                    bank.key, bank.method, bank.texts, bank.desc_class.cpu(), bank.desc_emb.cpu(), bank.weights
-                )
-                cols["explanation"] = explain(top.indices[:, 0], feats.cpu(), cpu_bank)
+            if feats is not None:
+                cols["explanation"] = explain(top.indices[:, 0], feats, cpu_bank)
             else:
                 cols["explanation"] = [[] for _ in range(scores.shape[0])]
             results.append(cols)
