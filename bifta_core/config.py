@@ -21,6 +21,8 @@ from bifta_core.views import VIEW_PRESETS, ViewPreset
 #: Methods that score crops (views); the others only encode the whole image.
 VIEW_METHODS = ("wca", "bifta")
 AGGREGATIONS = ("normalized", "sum")
+#: A shard is one Parquet row group of the saved listing (Arrow caps a row group at 1Mi rows).
+MAX_SHARD_SIZE = 1_000_000
 
 
 @dataclass
@@ -32,6 +34,7 @@ class ModelConfig:
     device: str = "auto"
     precision: str = "auto"
     cache_dir: str | None = None
+    quick_gelu: bool | None = None  # None: what the weights were trained with (tag config, OpenAI checkpoint)
 
 
 @dataclass
@@ -59,7 +62,9 @@ class LabelConfig:
     # Execution
     batch_size: int = 8  # images per encode batch (views of these images are flattened together)
     view_batch_size: int = 256  # crops per encoder forward pass
-    num_encoders: int | None = None  # encode actors; default: one per GPU, else one CPU actor
+    num_encoders: int | None = None  # encode actors; default: --gpus, else one per visible GPU, else one CPU actor
+    gpus: int | None = None  # GPU encode actors to ask the cluster for (autoscaling clusters start with none)
+    num_decoders: int | None = None  # most decode+views actors (default: the free CPUs)
     seed: int = 0
     limit: int | None = None
     top_k: int = 5
@@ -70,7 +75,8 @@ class LabelConfig:
     pgs_keep: float | None = None  # CLIP-PGS keep ratio for view encodes (None = off)
     pgs_whole_image: bool = False  # also apply PGS to the whole-image encode
     explain: bool = True
-    shard_size: int = 256  # images per output file (upper bound)
+    shard_size: int = 20_000  # inputs per shard = per output file (~5,000 files at 100M images)
+    retry_errors: bool = False  # redo the shards whose files hold error rows
     # S3 settings as flags (else the standard AWS environment); never credentials
     s3_endpoint_url: str | None = None
     s3_region: str | None = None
@@ -130,6 +136,8 @@ class LabelConfig:
         _positive("--batch-size", self.batch_size)
         _positive("--view-batch-size", self.view_batch_size)
         _positive("--num-encoders", self.num_encoders)
+        _positive("--gpus", self.gpus)
+        _positive("--num-decoders", self.num_decoders)
         _positive("--limit", self.limit, allow_zero=False)
         _positive("--top-k", self.top_k)
         _positive("--desc-top-k", self.desc_top_k)
@@ -147,6 +155,8 @@ class LabelConfig:
                             ("--device", self.model.device), ("--precision", self.model.precision)):
             if not isinstance(value, str) or not value:
                 raise ConfigError(f"{flag} must be a non-empty string, got {value!r}")
+        if self.model.quick_gelu is not None and not isinstance(self.model.quick_gelu, bool):
+            raise ConfigError(f"--quick-gelu must be true, false or unset, got {self.model.quick_gelu!r}")
         if not isinstance(self.labels, list) or not all(isinstance(x, str) for x in self.labels):
             raise ConfigError(f"--labels must be a list of label-set locations, got {self.labels!r}")
         if self.scale is not None:
@@ -162,6 +172,8 @@ class LabelConfig:
             a, b = self.scale
             if not 0.0 < a <= b <= 1.0:
                 raise ConfigError(f"--scale A,B needs 0 < A <= B <= 1, got {a},{b}")
+        if self.shard_size > MAX_SHARD_SIZE:
+            raise ConfigError(f"--shard-size must be at most {MAX_SHARD_SIZE:,}, got {self.shard_size:,}")
         if self.pgs_keep is not None and not 0.0 < self.pgs_keep <= 1.0:
             raise ConfigError(f"--pgs-keep must be within (0, 1], got {self.pgs_keep}")
         if not isinstance(self.seed, int) or self.seed < 0:

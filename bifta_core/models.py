@@ -19,6 +19,7 @@ import logging
 import os
 import pickle
 import socket
+import zipfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -27,7 +28,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from bifta_core.errors import ModelLoadError
+from bifta_core.errors import ConfigError, ModelLoadError
 
 logger = logging.getLogger("bifta.models")
 
@@ -35,6 +36,12 @@ RANDOM_WEIGHTS = "random"
 #: Seed of ``pretrained="random"`` weights: every process (each Ray actor) builds the same model.
 RANDOM_WEIGHTS_SEED = 0
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+#: The MLP activation of the text and image transformers: open_clip's default nn.GELU, or the
+#: sigmoid approximation ``x * sigmoid(1.702 x)`` OpenAI's CLIP weights were trained with.
+ACTIVATIONS = ("gelu", "quick_gelu")
+#: Keys a TorchScript OpenAI checkpoint carries in its state dict besides the weights (open_clip's
+#: ``load_state_dict`` pops exactly these when it unwraps such an archive).
+_OPENAI_EXTRA_KEYS = frozenset({"input_resolution", "context_length", "vocab_size"})
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
 _HUB_HOSTS = (("huggingface.co", 443), ("openaipublic.azureedge.net", 443))
 
@@ -186,23 +193,242 @@ def resolve_pretrained(model_name: str, pretrained: str, cache_dir: str | None =
     )
 
 
+def _parse_device(device: str) -> torch.device:
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got '{device}'") from None
+
+
 def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` picks CUDA when present, else CPU; an explicit CUDA request without a GPU is an error."""
+    """``auto`` picks CUDA when present, else CPU; an explicit CUDA request without a GPU is an error.
+
+    ``cuda:N`` is checked against the GPUs this process sees, so a bad ordinal is one
+    :class:`ModelLoadError` line instead of "invalid device ordinal" at the first kernel.
+    """
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError(f"--device {device} requested but no CUDA GPU is visible")
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    dev = _parse_device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelLoadError(f"--device {device} requested but no CUDA GPU is visible")
+        visible = torch.cuda.device_count()
+        if dev.index is None:
+            dev = torch.device("cuda:0")
+        elif dev.index >= visible:
+            raise ModelLoadError(
+                f"--device {device}: this process sees {visible} GPU(s) (cuda:0..cuda:{visible - 1})"
+            )
     return dev
+
+
+def actor_device(device: str, gpu_ids: Sequence) -> str:
+    """The device string for a process that Ray gave ``gpu_ids`` (``ray.get_gpu_ids()``).
+
+    Ray sets ``CUDA_VISIBLE_DEVICES`` to the actor's own GPUs, in ``gpu_ids`` order, so inside a
+    ``num_gpus=1`` actor the only ordinal is ``cuda:0`` whatever ``--device cuda:N`` said. ``cuda:N``
+    naming one of the actor's GPUs (a physical id) maps to its local ordinal; any other index maps
+    to the actor's first GPU (Ray, not the flag, chooses GPUs on a cluster). Without GPUs
+    (``gpu_ids`` empty) the flag is returned unchanged and :func:`resolve_device` validates it.
+    """
+    if not gpu_ids:
+        return device
+    dev = _parse_device(device) if device != "auto" else torch.device("cuda")
+    if dev.type != "cuda":
+        return device  # check_gpu_assignment refuses cpu on a GPU actor
+    ids = [str(g) for g in gpu_ids]
+    if dev.index is not None and str(dev.index) in ids:
+        return f"cuda:{ids.index(str(dev.index))}"
+    if dev.index not in (None, 0):
+        logger.warning("--device %s: this actor was given GPU %s by Ray; using it as cuda:0", device, ids[0])
+    return "cuda:0"
+
+
+def cuda_problem() -> str | None:
+    """Why CUDA cannot run this torch build here, or ``None`` when a kernel ran on the GPU.
+
+    Catches the silent CPU fallback of issue 11: a torch wheel built for a newer CUDA than the
+    driver supports reports ``is_available() == False``; a GPU older than every architecture the
+    wheel was compiled for (e.g. sm_70 on a CUDA 13 build) fails at the first kernel.
+    """
+    build = f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'})"
+    if torch.version.cuda is None:
+        return f"{build} is a CPU-only build"
+    if not torch.cuda.is_available():
+        return (f"{build} cannot use the GPU: no device visible or the NVIDIA driver is too old for "
+                f"this CUDA version (see docs/scaling.md, 'GPU images')")
+    try:
+        major, minor = torch.cuda.get_device_capability(0)
+        archs = torch.cuda.get_arch_list()
+        if archs and not _runs_on(archs, major, minor):
+            return f"{build} has no kernels for this GPU (sm_{major}{minor}; built for {', '.join(archs)})"
+        (torch.ones(8, device="cuda:0") * 2).sum().item()  # a real kernel, not just a context
+    except Exception as exc:  # noqa: BLE001 - any failure here means "unusable"
+        return f"{build} cannot run a kernel on the GPU: {_first_line(exc)}"
+    return None
+
+
+def _runs_on(archs: Sequence[str], major: int, minor: int) -> bool:
+    """Whether a wheel built for ``archs`` has code for compute capability ``major.minor``:
+    a cubin for ``sm_XY`` runs on the same major with minor ≥ Y; PTX (``compute_XY``) on any
+    GPU ≥ X.Y (JIT-compiled)."""
+    for arch in archs:
+        kind, _, code = arch.partition("_")
+        digits = "".join(ch for ch in code if ch.isdigit())
+        if len(digits) < 2:
+            continue
+        a_major, a_minor = int(digits[:-1]), int(digits[-1])
+        if kind == "sm" and a_major == major and a_minor <= minor:
+            return True
+        if kind == "compute" and (a_major, a_minor) <= (major, minor):
+            return True
+    return False
+
+
+def check_gpu_assignment(gpu_ids: Sequence, device: str, *, probe: Callable[[], str | None] = cuda_problem) -> None:
+    """Fail loudly when a process that holds GPUs would run on the CPU (issue 11).
+
+    ``gpu_ids`` is what Ray assigned (``ray.get_gpu_ids()``; empty for CPU actors, where nothing
+    is checked). Raises :class:`ConfigError` (one line) when ``device`` asks for the CPU or when
+    CUDA is unusable (``probe``, default :func:`cuda_problem`), instead of labelling on one core.
+    """
+    if not gpu_ids:
+        return
+    ids = ",".join(str(g) for g in gpu_ids)
+    if device != "auto" and _parse_device(device).type != "cuda":
+        raise ConfigError(f"--device {device} but this worker was given GPU {ids}; use --device auto or cuda")
+    problem = probe()
+    if problem:
+        raise ConfigError(f"worker was given GPU {ids} but CUDA is unusable: {problem}")
+
+
+def effective_precision(precision: str, on_cuda: bool) -> str:
+    """What ``--precision`` means where the images are encoded: always fp32 on CPU; on CUDA
+    ``auto`` is fp16 autocast, else the requested fp32/fp16/bf16. For run ids and cache keys."""
+    if precision not in PRECISIONS:
+        raise ModelLoadError(f"--precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
+    if not on_cuda:
+        return "fp32"
+    return "fp16" if precision == "auto" else precision
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     """fp32 on CPU always; on CUDA ``auto`` means fp16 autocast (bf16 when asked)."""
-    if precision not in PRECISIONS:
-        raise ModelLoadError(f"--precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
+    return effective_precision(precision, device.type == "cuda")
+
+
+def text_precision(precision: str) -> str:
+    """Precision of the label-set text encode: ``auto`` → fp32 (once per label set, so exactness is
+    cheap), otherwise the requested one (fp16/bf16 on CPU still run fp32, a harmless superset).
+
+    It is part of the label-set cache key, so banks encoded in fp16 are never reused by fp32 runs.
+    """
+    effective_precision(precision, False)  # validates
+    return "fp32" if precision == "auto" else precision
+
+
+def set_fp32_exact(device: torch.device) -> None:
+    """Disable TF32 for fp32 on CUDA (matmuls and cuDNN convolutions), so ``--precision fp32``
+    really computes in IEEE fp32 (Ampere+ default to TF32 for convolutions)."""
     if device.type != "cuda":
-        return "fp32"
-    return "fp16" if precision == "auto" else precision
+        return
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision") and hasattr(torch.backends.cudnn, "conv"):
+        # torch >= 2.9: mixing the new and legacy flags is an error, so use only the new ones.
+        matmul.fp32_precision = "ieee"
+        torch.backends.cudnn.conv.fp32_precision = "ieee"
+    else:  # pragma: no cover - older torch
+        matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+
+
+def _archive_entries(path: str) -> list[str]:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return zf.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return []
+
+
+class _KeysOnly(pickle.Unpickler):
+    """Unpickles a ``torch.save`` ``data.pkl`` without tensors or foreign classes: keys only."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) == ("collections", "OrderedDict"):
+            import collections
+
+            return collections.OrderedDict
+        return lambda *args, **kwargs: None  # tensors, storages, anything else: never executed
+
+    def persistent_load(self, pid):
+        return None
+
+
+def _state_dict_keys(path: str) -> set[str]:
+    """Top-level tensor names of a checkpoint, read without loading any tensor.
+
+    An unreadable file gives no keys: loading it later reports the real problem.
+    """
+    import io
+
+    try:
+        if path.endswith(".safetensors"):
+            with open(path, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                return set(json.loads(fh.read(min(n, 1 << 26)))) - {"__metadata__"}
+        data = [e for e in _archive_entries(path) if e.endswith("/data.pkl") or e == "data.pkl"]
+        if not data:
+            return set()
+        with zipfile.ZipFile(path) as zf:
+            obj = _KeysOnly(io.BytesIO(zf.read(data[0]))).load()
+    except Exception:  # noqa: BLE001 - unreadable here just means "no OpenAI evidence"
+        return set()
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        return set()
+    return {k[7:] if str(k).startswith("module.") else str(k) for k in obj}
+
+
+def is_openai_checkpoint(path: str) -> bool:
+    """True for OpenAI-format CLIP checkpoints (trained with QuickGELU).
+
+    OpenAI released TorchScript archives (a zip with ``code/`` and ``constants.pkl``; open_clip's
+    own loader treats every TorchScript checkpoint as OpenAI's); a state dict saved from one keeps
+    the ``input_resolution``/``context_length``/``vocab_size`` entries. Only the archive listing
+    and the pickled key names are read, never the tensors.
+    """
+    entries = _archive_entries(path)
+    if any(e.endswith("/constants.pkl") or "/code/" in e for e in entries):
+        return True
+    return _OPENAI_EXTRA_KEYS <= _state_dict_keys(path)
+
+
+def _activation(arch: str, weights: ResolvedWeights, quick_gelu: bool | None) -> str:
+    import open_clip
+
+    if quick_gelu is not None:  # --quick-gelu / --no-quick-gelu: the user knows best
+        return "quick_gelu" if quick_gelu else "gelu"
+    if weights.kind == "tag":
+        # The tag's pretrained config records what the weights were trained with (no network).
+        return "quick_gelu" if open_clip.get_pretrained_cfg(arch, weights.source).get("quick_gelu") else "gelu"
+    if weights.kind == "file" and is_openai_checkpoint(weights.source):
+        return "quick_gelu"
+    return "quick_gelu" if (open_clip.get_model_config(arch) or {}).get("quick_gelu") else "gelu"
+
+
+def resolved_activation(
+    model_name: str, pretrained: str, quick_gelu: bool | None = None, cache_dir: str | None = None
+) -> str:
+    """``"quick_gelu"`` or ``"gelu"``: the activation :func:`load_model` builds for these weights.
+
+    Precedence: the explicit flag; an open_clip tag's pretrained config (``ViT-B-32`` + ``openai``
+    → QuickGELU: OpenAI trained with it, and open_clip 3.3 only warns about the mismatch); an
+    OpenAI-format checkpoint (:func:`is_openai_checkpoint`) → QuickGELU; else the architecture's
+    own config (``*-quickgelu`` names). No network for tags; a URI is fetched once per node.
+    """
+    arch = _check_arch(model_name)
+    return _activation(arch, resolve_pretrained(arch, pretrained, cache_dir=cache_dir), quick_gelu)
 
 
 class ClipModel:
@@ -222,8 +448,10 @@ class ClipModel:
         weights: ResolvedWeights,
         device: torch.device,
         precision: str,
+        activation: str = "gelu",
     ) -> None:
         self.model = model.eval()
+        self.activation = activation
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.pretrained = pretrained
@@ -245,8 +473,8 @@ class ClipModel:
 
     @property
     def identity(self) -> str:
-        """Stable id of (architecture, weights) for cache keys."""
-        return f"{self.model_name}|{self.weights.identity}"
+        """Stable id of (architecture, weights, activation) for cache keys (see :func:`model_identity`)."""
+        return _identity(self.model_name, self.weights.identity, self.activation)
 
     @property
     def embed_dim(self) -> int:
@@ -265,17 +493,29 @@ class ClipModel:
             return torch.autocast("cuda", dtype=dtype)
         return contextlib.nullcontext()
 
+    def _constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """mean/std as ``[1,3,1,1]`` on ``device``, uploaded once (not one small copy per chunk)."""
+        cache = self.__dict__.setdefault("_norm_cache", {})
+        if device not in cache:
+            cache[device] = (torch.tensor(self.mean, device=device).view(1, 3, 1, 1),
+                             torch.tensor(self.std, device=device).view(1, 3, 1, 1))
+        return cache[device]
+
     def normalize_pixels(self, images_0_255: torch.Tensor) -> torch.Tensor:
-        """uint8/float 0..255 ``[N,3,S,S]`` → the model's normalised float input."""
-        x = images_0_255.to(self.device, torch.float32, non_blocking=True) / 255.0
-        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        """uint8/float 0..255 ``[N,3,S,S]`` → the model's normalised float input (on the model's device).
+
+        Call it per ``--view-batch-size`` chunk: the float copy is 4× the uint8 views.
+        """
+        x = images_0_255.to(self.device, non_blocking=True).to(torch.float32) / 255.0
+        mean, std = self._constants(x.device)
         return (x - mean) / std
 
-    def encode_images(self, pixels: torch.Tensor, keep_idx: torch.Tensor | None = None) -> torch.Tensor:
+    def encode_images(self, pixels: torch.Tensor, keep_idx: torch.Tensor | None = None, *,
+                      check_keep: bool = True) -> torch.Tensor:
         """Encode normalised images ``[N,3,S,S]`` → ``[N,D]`` float32, unit norm.
 
-        ``keep_idx`` (``[N,K]`` patch indices) encodes with CLIP-PGS token selection (ViTs only).
+        ``keep_idx`` (``[N,K]`` patch indices) encodes with CLIP-PGS token selection (ViTs only);
+        ``check_keep=False`` trusts indices made by ``select_patches`` (no device read-backs).
         """
         with torch.inference_mode(), self.autocast():
             x = pixels.to(self.device, non_blocking=True)
@@ -284,7 +524,7 @@ class ClipModel:
             else:
                 from bifta_core.pgs import encode_image_with_keep
 
-                emb = encode_image_with_keep(self.model, x, keep_idx.to(self.device))
+                emb = encode_image_with_keep(self.model, x, keep_idx.to(self.device), check_keep=check_keep)
         return F.normalize(emb.float(), dim=-1)
 
     def encode_text(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
@@ -309,6 +549,7 @@ class ClipModel:
             "random_weights": self.is_random,
             "device": str(self.device),
             "precision": self.precision,
+            "activation": self.activation,
             "image_size": self.image_size,
         }
 
@@ -320,38 +561,45 @@ def load_model(
     device: str = "auto",
     precision: str = "auto",
     cache_dir: str | None = None,
+    quick_gelu: bool | None = None,
+    require_cuda: bool = False,
 ) -> ClipModel:
     """Build ``model_name`` and load ``pretrained`` weights (see module docstring).
+
+    ``quick_gelu`` forces the activation (``None``: :func:`resolved_activation`). ``require_cuda``
+    (set by GPU actors) turns any non-CUDA outcome into an error instead of a CPU fallback.
+    ``--precision fp32`` on CUDA disables TF32 (:func:`set_fp32_exact`).
 
     Raises :class:`ModelLoadError` (one line, names ``--model``/``--pretrained``) for an unknown
     architecture, weights that cannot be had, or a checkpoint that does not fit the architecture.
     """
-    import open_clip
-
-    register_bundled_configs()
-    arch = model_name.replace("/", "-")
-    if arch not in _known_architectures():
-        raise ModelLoadError(
-            f"unknown model architecture '{model_name}' (--model); see open_clip.list_models() for names"
-        )
+    arch = _check_arch(model_name)
     weights = resolve_pretrained(arch, pretrained, cache_dir=cache_dir)
+    if require_cuda:
+        problem = cuda_problem()
+        if problem:
+            raise ModelLoadError(f"this worker needs CUDA (it was given a GPU) but {problem}")
     dev = resolve_device(device)
+    if require_cuda and dev.type != "cuda":
+        raise ModelLoadError(f"--device {device} resolves to {dev} but this worker was given a GPU")
     prec = resolve_precision(precision, dev)
+    if prec == "fp32":
+        set_fp32_exact(dev)
+    activation = _activation(arch, weights, quick_gelu)
 
-    kwargs = dict(device="cpu", precision="fp32", weights_only=True, cache_dir=cache_dir)
     try:
         if weights.kind == "random":
             # Fork the RNG so seeding the weights never disturbs the caller's random stream.
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(RANDOM_WEIGHTS_SEED)
-                model = open_clip.create_model(arch, pretrained=None, **kwargs)
+                model = build_clip(arch, None, activation, cache_dir)
         elif weights.kind == "file":
-            model = open_clip.create_model(arch, pretrained=weights.source, **kwargs)
+            model = build_clip(arch, weights.source, activation, cache_dir)
         else:
             offline = not _hub_reachable()
             with _hf_offline(offline):
                 try:
-                    model = open_clip.create_model(arch, pretrained=weights.source, **kwargs)
+                    model = build_clip(arch, weights.source, activation, cache_dir)
                 except Exception as exc:
                     reason = "the model hub is unreachable" if offline else f"download failed ({_first_line(exc)})"
                     raise ModelLoadError(
@@ -365,13 +613,63 @@ def load_model(
         raise ModelLoadError(
             f"cannot load weights {pretrained} into {arch} (--pretrained/--model): {_first_line(exc)}"
         ) from exc
+    import open_clip
+
     model.to(dev)
     tokenizer = open_clip.get_tokenizer(arch)
     if weights.kind == "random":
         logger.warning("model %s uses RANDOM weights (--pretrained random): labels are meaningless", arch)
     return ClipModel(
-        model, tokenizer, model_name=arch, pretrained=pretrained, weights=weights, device=dev, precision=prec
+        model, tokenizer, model_name=arch, pretrained=pretrained, weights=weights, device=dev, precision=prec,
+        activation=activation,
     )
+
+
+def build_clip(arch: str, source: str | None, activation: str, cache_dir: str | None = None) -> torch.nn.Module:
+    """The open_clip module for ``arch`` with ``activation``, weights from ``source`` (None: random init).
+
+    ``quick_gelu`` is set in the model config (``force_quick_gelu``), so open_clip builds QuickGELU
+    exactly as for its ``*-quickgelu`` architectures; ``gelu`` overrides a config that says
+    otherwise (``--no-quick-gelu``).
+    """
+    import open_clip
+
+    if activation not in ACTIVATIONS:
+        raise ConfigError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    kwargs: dict = dict(device="cpu", precision="fp32", weights_only=True, cache_dir=cache_dir)
+    if activation == "quick_gelu":
+        kwargs["force_quick_gelu"] = True
+    else:
+        kwargs["quick_gelu"] = False  # model-constructor override, highest precedence in open_clip
+    if source is not None and os.path.isfile(source) and _OPENAI_EXTRA_KEYS <= _state_dict_keys(source):
+        # A state dict saved from OpenAI's TorchScript model keeps three non-weight entries that
+        # open_clip strips only from the TorchScript archive itself; strip them here too.
+        model = open_clip.create_model(arch, pretrained=None, **kwargs)
+        state = torch.load(source, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state)
+        state = {k[7:] if k.startswith("module.") else k: v for k, v in state.items() if k not in _OPENAI_EXTRA_KEYS}
+        if "logit_scale" in state and state["logit_scale"].ndim != model.logit_scale.ndim:
+            state["logit_scale"] = state["logit_scale"].reshape(model.logit_scale.shape)
+        model.load_state_dict(state, strict=True)
+        return model
+    return open_clip.create_model(arch, pretrained=source, **kwargs)
+
+
+def _check_arch(model_name: str) -> str:
+    register_bundled_configs()
+    arch = model_name.replace("/", "-")
+    if arch not in _known_architectures():
+        raise ModelLoadError(
+            f"unknown model architecture '{model_name}' (--model); see open_clip.list_models() for names"
+        )
+    return arch
+
+
+def _identity(arch: str, weights_identity: str, activation: str, precision: str | None = None) -> str:
+    # GELU models keep their historical identity; QuickGELU ones differ from every GELU encoding
+    # (text banks encoded with the wrong activation before the fix are never reused).
+    ident = f"{arch}|{weights_identity}" + ("|quick_gelu" if activation == "quick_gelu" else "")
+    return ident if precision is None else f"{ident}|{precision}"
 
 
 def _first_line(exc: BaseException) -> str:
@@ -393,13 +691,47 @@ def config_fingerprint(payload: dict) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
-def model_identity(model_name: str, pretrained: str, cache_dir: str | None = None) -> str:
-    """:attr:`ClipModel.identity` without building the model (label-set cache keys on the driver)."""
-    register_bundled_configs()
-    arch = model_name.replace("/", "-")
-    if arch not in _known_architectures():
-        raise ModelLoadError(f"unknown model architecture '{model_name}' (--model); see open_clip.list_models() for names")
-    return f"{arch}|{resolve_pretrained(arch, pretrained, cache_dir=cache_dir).identity}"
+def model_identity(
+    model_name: str,
+    pretrained: str,
+    cache_dir: str | None = None,
+    *,
+    quick_gelu: bool | None = None,
+    precision: str | None = None,
+) -> str:
+    """:attr:`ClipModel.identity` without building the model (label-set cache keys on the driver).
+
+    Includes the resolved activation; with ``precision`` (label sets pass :func:`text_precision`)
+    also the precision the texts are encoded in, so fp16 banks never serve an fp32 run.
+    """
+    arch = _check_arch(model_name)
+    weights = resolve_pretrained(arch, pretrained, cache_dir=cache_dir)
+    return _identity(arch, weights.identity, _activation(arch, weights, quick_gelu), precision)
+
+
+def model_provenance(
+    model_name: str,
+    pretrained: str,
+    *,
+    precision: str = "auto",
+    on_cuda: bool,
+    quick_gelu: bool | None = None,
+    cache_dir: str | None = None,
+) -> dict:
+    """What a run's rows depend on in the model, for the run id and ``_bifta_run.json``.
+
+    ``{"model", "pretrained", "weights" (content identity), "activation", "precision"}`` where
+    precision is :func:`effective_precision` for where images are encoded (``on_cuda``).
+    """
+    arch = _check_arch(model_name)
+    weights = resolve_pretrained(arch, pretrained, cache_dir=cache_dir)
+    return {
+        "model": arch,
+        "pretrained": pretrained,
+        "weights": weights.identity,
+        "activation": _activation(arch, weights, quick_gelu),
+        "precision": effective_precision(precision, on_cuda),
+    }
 
 
 def model_preprocess(model_name: str, pretrained: str = RANDOM_WEIGHTS) -> dict:

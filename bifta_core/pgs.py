@@ -35,6 +35,7 @@ from bifta_core.errors import ConfigError
 
 __all__ = [
     "PgsConfig",
+    "selection_noise",
     "edge_map",
     "encode_image_with_keep",
     "grid_size_of",
@@ -160,8 +161,30 @@ def _check_images(images: object, patch_size: int) -> torch.Tensor:
     return images
 
 
+_CONSTANTS: dict[tuple, torch.Tensor] = {}
+
+
+def _constant(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small constant tensor, uploaded once per (values, dtype, device) and then reused, so
+    selecting patches chunk after chunk costs no host-to-device copy (issue 11, item 4)."""
+    key = (values, dtype, str(device))
+    if key not in _CONSTANTS:
+        if len(_CONSTANTS) > 64:  # a handful of models per process; never grow without bound
+            _CONSTANTS.clear()
+        _CONSTANTS[key] = torch.tensor(values, dtype=dtype).to(device)
+    return _CONSTANTS[key]
+
+
 def _channel_stats(values: ChannelStats, name: str, like: torch.Tensor) -> torch.Tensor:
     """Return ``values`` as a ``[1, 3, 1, 1]`` tensor matching ``like``'s device and dtype."""
+    if not isinstance(values, torch.Tensor):
+        # Plain numbers are checked on the host: no device read-back per call.
+        flat = [float(v) for v in values]
+        if len(flat) != 3:
+            raise ConfigError(f"{name} must have 3 values (one per RGB channel), got {len(flat)}")
+        if not all(math.isfinite(v) for v in flat):
+            raise ConfigError(f"{name} must be finite, got {flat}")
+        return _constant(tuple(flat), like.dtype, like.device).view(1, 3, 1, 1)
     stats = torch.as_tensor(values, dtype=like.dtype, device=like.device).flatten()
     if stats.numel() != 3:
         raise ConfigError(f"{name} must have 3 values (one per RGB channel), got {stats.numel()}")
@@ -229,15 +252,16 @@ def edge_map(images: torch.Tensor, mean: ChannelStats, std: ChannelStats, patch_
     _check_images(images, patch_size)
     mean_t = _channel_stats(mean, "mean", images)
     std_t = _channel_stats(std, "std", images)
-    if not bool((std_t > 0).all()):
+    if not isinstance(std, torch.Tensor) and min(float(v) for v in std) <= 0:
+        raise ConfigError(f"std must be positive, got {[float(v) for v in std]}")
+    if isinstance(std, torch.Tensor) and not bool((std_t > 0).all()):
         raise ConfigError(f"std must be positive, got {std_t.flatten().tolist()}")
     rgb = (images * std_t + mean_t).clamp(0.0, 1.0)
-    luma = torch.tensor(_LUMA, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    luma = _constant(_LUMA, images.dtype, images.device).view(1, 3, 1, 1)
     grey = (rgb * luma).sum(dim=1, keepdim=True)
     grid = F.avg_pool2d(grey, kernel_size=patch_size, stride=patch_size)  # [N, 1, gh, gw]
 
-    gx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]],
-                      dtype=images.dtype, device=images.device)
+    gx = _constant(((-1.0, 0.0, 1.0), (-2.0, 0.0, 2.0), (-1.0, 0.0, 1.0)), images.dtype, images.device)
     kernels = torch.stack([gx, gx.t()]).unsqueeze(1)  # [2, 1, 3, 3]: d/dx and d/dy
     grads = F.conv2d(F.pad(grid, (1, 1, 1, 1), mode="replicate"), kernels)
     magnitude = grads.pow(2).sum(dim=1).sqrt()  # [N, gh, gw]
@@ -316,6 +340,7 @@ def select_patches(
     generator: torch.Generator | None = None,
     *,
     tokens: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """CLIP-PGS kept-patch indices ``[N, K]`` (Pei et al., CVPR 2025, Sec. 3.2-3.3).
 
@@ -338,6 +363,11 @@ def select_patches(
     Returns the remaining patch indices sorted ascending (class token excluded: it is not a patch
     and is always kept by :func:`encode_image_with_keep`). Randomness comes only from
     ``generator`` (global RNG when ``None``), so a seeded generator gives identical output.
+
+    ``noise`` (``[2, N, L]``, from :func:`selection_noise`) replaces the draw from ``generator``.
+    Every step above is per view, so views of many images can be selected in one call with their
+    per-image noise concatenated along ``N`` — identical to one call per image, without a
+    host-device round trip per image.
     """
     if not isinstance(config, PgsConfig):
         raise ConfigError(f"config must be a PgsConfig, got {type(config).__name__}")
@@ -372,7 +402,12 @@ def select_patches(
 
         # Generation: random candidates, restricted to low-edge patches.
         low_edge = edges <= torch.quantile(edges, config.edge_quantile, dim=1, keepdim=True)
-        noise = _uniform((2, n, num_patches), generator, device)
+        if noise is None:
+            noise = _uniform((2, n, num_patches), generator, device)
+        elif tuple(noise.shape) != (2, n, num_patches):
+            raise ConfigError(f"noise must be [2, {n}, {num_patches}], got {_describe(noise)}")
+        else:
+            noise = noise.to(device)
         num_cand = min(max(1, round(num_patches * config.candidate_ratio)), num_patches)
         cand = (noise[0] + (~low_edge).float()).topk(num_cand, dim=1, largest=False).indices
         is_cand = torch.zeros_like(low_edge).scatter_(1, cand, True)
@@ -392,6 +427,13 @@ def select_patches(
         within = torch.where(tier == 1.0, -affinity, noise[1])
         order = _lexsort([tier, within, edges])
         return order[:, drop:].sort(dim=1).values
+
+
+def selection_noise(n: int, num_patches: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The ``[2, n, L]`` uniform noise :func:`select_patches` draws for ``n`` views, on the
+    generator's device: the same numbers, in the same order, as a call with that generator."""
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    return torch.rand((2, n, num_patches), generator=generator, device=gen_device)
 
 
 def random_patches(n: int, num_patches: int, keep_ratio: float,
@@ -503,7 +545,7 @@ def _pool(visual: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def encode_image_with_keep(model: nn.Module, images: torch.Tensor,
-                           keep_idx: torch.Tensor | None = None) -> torch.Tensor:
+                           keep_idx: torch.Tensor | None = None, *, check_keep: bool = True) -> torch.Tensor:
     """Image features ``[N, D]`` from an open_clip ViT that sees only the kept patch tokens.
 
     Follows open_clip 3.3.0 ``VisionTransformer.forward`` step by step (``conv1``, flatten, class
@@ -513,6 +555,8 @@ def encode_image_with_keep(model: nn.Module, images: torch.Tensor,
     the shorter sequence). Positional embeddings are added before the gather, so every kept token
     retains its original position. ``keep_idx=None`` (or all patches) reproduces
     ``model.encode_image(images)`` (unnormalised). Runs under whatever grad mode the caller set.
+    ``check_keep=False`` skips the range/duplicate checks of ``keep_idx`` (three device read-backs)
+    for indices that come straight from :func:`select_patches`.
     """
     visual = _vision_tower(model)
     if not isinstance(images, torch.Tensor) or images.dim() != 4:
@@ -524,7 +568,10 @@ def encode_image_with_keep(model: nn.Module, images: torch.Tensor,
     x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
 
     if keep_idx is not None:
-        idx = _check_keep_idx(keep_idx, x.shape[0], x.shape[1] - 1, x.device)
+        if check_keep:
+            idx = _check_keep_idx(keep_idx, x.shape[0], x.shape[1] - 1, x.device)
+        else:
+            idx = keep_idx.to(device=x.device, dtype=torch.long)
         kept = x[:, 1:].gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         x = torch.cat([x[:, :1], kept], dim=1)  # class token always stays first
 

@@ -10,7 +10,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from bifta_core.scoring import clip_scores, mean_scores, view_weights, wca_scores
+from bifta_core.scoring import (
+    clip_scores,
+    mean_scores,
+    mean_text_vectors,
+    wca_image_vectors,
+    wca_scores,
+    wca_scores_from_vectors,
+    wca_text_vectors,
+)
 from bifta_core.text_banks import TextBank
 
 MEAN_METHODS = ("clip-e", "clip-d", "cupl")
@@ -57,6 +65,55 @@ def method_scores(
             aggregation=params.aggregation,
         )
     raise ValueError(f"unknown method {method}")
+
+
+def method_text_vectors(
+    method: str, class_emb: torch.Tensor, bank: TextBank | None = None, params: ScoreParams = ScoreParams()
+) -> torch.Tensor:
+    """``[C,D]`` text side of ``method``'s score, computed once per label set (not per batch).
+
+    CLIP: the unit class prompts; CLIP-E/-D/CuPL: :func:`~bifta_core.scoring.mean_text_vectors`;
+    WCA/BiFTA: :func:`~bifta_core.scoring.wca_text_vectors` (description weights included).
+    """
+    if method == "clip":
+        return F.normalize(class_emb.float(), dim=-1)
+    if bank is None:
+        raise ValueError(f"method {method} needs a text bank")
+    if method in MEAN_METHODS:
+        return mean_text_vectors(bank.desc_emb, bank.desc_class, class_emb.shape[0])
+    if method in WCA_METHODS:
+        return wca_text_vectors(bank.desc_emb, bank.desc_class, class_emb, params.text_scale, params.aggregation)
+    raise ValueError(f"unknown method {method}")
+
+
+def method_image_vectors(
+    method: str,
+    image_emb: torch.Tensor,
+    view_emb: torch.Tensor | None = None,
+    view_mask: torch.Tensor | None = None,
+    params: ScoreParams = ScoreParams(),
+) -> torch.Tensor:
+    """``[B,D]`` image side of ``method``'s score, the same for every label set (once per batch).
+
+    WCA/BiFTA: ``Σ_i w_i · view_i`` (:func:`~bifta_core.scoring.wca_image_vectors`); others: the
+    unit whole-image embedding. These are also the features explanations are ranked against.
+    """
+    if method in WCA_METHODS:
+        if view_emb is None or view_mask is None:
+            raise ValueError(f"method {method} needs view embeddings")
+        return wca_image_vectors(view_emb, view_mask, image_emb, params.image_scale)
+    return F.normalize(image_emb.float(), dim=-1)
+
+
+def scores_from_vectors(
+    method: str, image_vec: torch.Tensor, text_vec: torch.Tensor, params: ScoreParams = ScoreParams()
+) -> torch.Tensor:
+    """``[B,C]`` scores from :func:`method_image_vectors` and :func:`method_text_vectors`; equal to
+    :func:`method_scores` on the same inputs (the same operations, split where they stop depending
+    on the batch)."""
+    if method in WCA_METHODS:
+        return wca_scores_from_vectors(image_vec, text_vec, params.aggregation)
+    return image_vec @ text_vec.to(image_vec.device).T
 
 
 @dataclass

@@ -114,10 +114,20 @@ def mean_scores(
         float32 ``[B, C]``.
     """
     _check_pair(image_emb, "image_emb", desc_emb, "desc_emb")
+    class_vec = mean_text_vectors(desc_emb, desc_class, num_classes)
+    return _unit(image_emb).to(class_vec.device) @ class_vec.T
+
+
+def mean_text_vectors(desc_emb: torch.Tensor, desc_class: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``normalise(mean_j g(t_j))`` per class, the text side of :func:`mean_scores` (once per label set).
+
+    Returns:
+        float32 ``[C, D]``, unit norm.
+    """
+    _check_2d(desc_emb, "desc_emb")
     # Normalising the mean equals normalising the plain sum, so uniform weights of 1 suffice.
     ones = torch.ones(desc_emb.shape[0], dtype=torch.float32, device=desc_emb.device)
-    class_vec = _unit(class_text_vectors(desc_emb, desc_class, ones, num_classes))
-    return _unit(image_emb).to(class_vec.device) @ class_vec.T
+    return _unit(class_text_vectors(desc_emb, desc_class, ones, num_classes))
 
 
 def view_weights(
@@ -194,6 +204,54 @@ def description_weights(
     return e / denom[idx]
 
 
+def wca_text_vectors(
+    desc_emb: torch.Tensor,
+    desc_class: torch.Tensor,
+    class_emb: torch.Tensor,
+    text_scale: float = 2.0,
+    aggregation: str = "normalized",
+) -> torch.Tensor:
+    """The text side of the WCA score, ``sum_j v_j g(t_j)`` per class (WCA Sec. 3), once per label set.
+
+    It depends only on the label set, so a scorer computes it once instead of every batch
+    (together with the description weights and the ``desc_class`` checks, which read back from
+    the device). Normalised for ``"normalized"`` aggregation.
+
+    Returns:
+        float32 ``[C, D]``.
+    """
+    if aggregation not in AGGREGATIONS:
+        raise ConfigError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+    v = description_weights(desc_emb, desc_class, class_emb, text_scale)
+    text_vec = class_text_vectors(desc_emb, desc_class, v, class_emb.shape[0])
+    return _unit(text_vec) if aggregation == "normalized" else text_vec
+
+
+def wca_image_vectors(
+    view_emb: torch.Tensor, view_mask: torch.Tensor, image_emb: torch.Tensor, image_scale: float = 4.0
+) -> torch.Tensor:
+    """The image side of the WCA score, ``sum_i w_i f(x_i)`` (WCA Sec. 3), not normalised.
+
+    Independent of the label set: computed once per batch for every label set.
+
+    Returns:
+        float32 ``[B, D]``.
+    """
+    w = view_weights(view_emb, view_mask, image_emb, image_scale)
+    mask = view_mask.to(device=view_emb.device, dtype=torch.bool)
+    views = torch.where(mask[..., None], _unit(view_emb), 0.0)
+    return torch.einsum("bv,bvd->bd", w, views)
+
+
+def wca_scores_from_vectors(image_vec: torch.Tensor, text_vec: torch.Tensor, aggregation: str = "normalized") -> torch.Tensor:
+    """Score ``[B, C]`` from :func:`wca_image_vectors` and :func:`wca_text_vectors` (same aggregation)."""
+    if aggregation not in AGGREGATIONS:
+        raise ConfigError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+    if aggregation == "normalized":
+        image_vec = _unit(image_vec)
+    return image_vec @ text_vec.to(image_vec.device).T
+
+
 def wca_scores(
     view_emb: torch.Tensor,
     view_mask: torch.Tensor,
@@ -206,6 +264,9 @@ def wca_scores(
     aggregation: str = "normalized",
 ) -> torch.Tensor:
     """WCA / BiFTA visual-text cross-alignment score for every image and class.
+
+    Equals ``wca_scores_from_vectors(wca_image_vectors(...), wca_text_vectors(...))`` (that is how
+    it is computed); scorers that see many batches precompute the text side.
 
     Args:
         view_emb: ``[B, V, D]`` view embeddings (padded to ``V``).
@@ -224,15 +285,9 @@ def wca_scores(
     """
     if aggregation not in AGGREGATIONS:
         raise ConfigError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
-    w = view_weights(view_emb, view_mask, image_emb, image_scale)
-    v = description_weights(desc_emb, desc_class, class_emb, text_scale)
-    mask = view_mask.to(device=view_emb.device, dtype=torch.bool)
-    views = torch.where(mask[..., None], _unit(view_emb), 0.0)
-    image_vec = torch.einsum("bv,bvd->bd", w, views)
-    text_vec = class_text_vectors(desc_emb, desc_class, v, class_emb.shape[0]).to(image_vec.device)
-    if aggregation == "normalized":
-        image_vec, text_vec = _unit(image_vec), _unit(text_vec)
-    return image_vec @ text_vec.T
+    image_vec = wca_image_vectors(view_emb, view_mask, image_emb, image_scale)
+    text_vec = wca_text_vectors(desc_emb, desc_class, class_emb, text_scale, aggregation)
+    return wca_scores_from_vectors(image_vec, text_vec, aggregation)
 
 
 def sample_view_subsets(

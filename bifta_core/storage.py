@@ -57,6 +57,7 @@ __all__ = [
     "is_remote",
     "isdir",
     "join",
+    "list_dir",
     "list_files",
     "makedirs",
     "open_input",
@@ -553,6 +554,30 @@ def list_files(uri: str, extensions: set[str] | None = None) -> list[str]:
     return sorted(
         _to_uri(fs, proto, n) for n in names if not n.endswith("/") and _wanted(n, exts)
     )
+
+
+def list_dir(uri: str) -> tuple[list[str], list[str]]:
+    """One level of a local folder or remote prefix → (files, sub-folders), each sorted, as URIs.
+
+    Not recursive: on S3 it is a delimiter listing, so the sub-folders (common prefixes) of a large
+    prefix can be listed in parallel by whoever calls this. A missing local folder raises
+    StorageError; a remote prefix with no objects gives ``([], [])``.
+    """
+    proto = _protocol(uri)
+    if proto == "file":
+        root = _local_path(uri)
+        if not os.path.isdir(root):
+            raise StorageError(f"{uri}: no such file or directory")
+        files, dirs = [], []
+        with os.scandir(root) as entries:
+            for entry in entries:
+                (dirs if entry.is_dir() else files).append(os.path.join(root, entry.name))
+        return sorted(files), sorted(dirs)
+    fs, path = get_fs(uri)
+    entries = _with_retries(uri, lambda: fs.ls(path.rstrip("/"), detail=True, refresh=True), retries=4, backoff=0.2)
+    files = [_to_uri(fs, proto, e["name"]) for e in entries if e.get("type") != "directory" and not e["name"].endswith("/")]
+    dirs = [_to_uri(fs, proto, e["name"]) for e in entries if e.get("type") == "directory"]
+    return sorted(files), sorted(dirs)
 
 
 def glob(pattern: str) -> list[str]:

@@ -154,8 +154,11 @@ def build_label_set_embeddings(
         classes=list(label_set.classes),
         class_emb=class_emb,
         banks=banks,
+        # model.identity includes the activation (QuickGELU or GELU); the text precision is in params.
         content_hash=content_hash(label_set, model.identity, specs, text_scale),
-        params={"specs": [vars(s) for s in specs], "text_scale": text_scale},
+        # What the texts were encoded with (activation inside the identity), checked when reused.
+        params={"specs": [vars(s) for s in specs], "text_scale": text_scale,
+                "model_identity": model.identity, "text_precision": model.precision},
         model=model.model_name,
         pretrained=model.pretrained,
     )

@@ -199,6 +199,227 @@ def crop_resize_pil(
     return out
 
 
+class TransferCounter:
+    """Counts host-to-device copies made through :func:`to_device` (tests and benchmarks read it).
+
+    Every copy of this module's crop path goes through :func:`to_device`, so the count is the
+    number of host-device transfers a batch costs (issue 11: it must not grow with images or boxes).
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
+transfer_counter = TransferCounter()
+
+
+def pinned_empty(shape: tuple[int, ...] | int, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """An empty host tensor, page-locked when it is bound for a CUDA device.
+
+    A ``non_blocking`` copy from pageable memory is synchronous; from pinned memory it overlaps
+    with host work and with kernels already queued. Pinning needs CUDA, so CPU runs get plain memory.
+    """
+    pin = torch.device(device).type == "cuda"
+    return torch.empty(shape, dtype=dtype, pin_memory=pin)
+
+
+def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """Move ``tensor`` to ``device`` (``non_blocking``, pinned first when it is a pageable host tensor).
+
+    The one transfer point of the crop and encode paths; counted in :data:`transfer_counter`.
+    """
+    device = torch.device(device)
+    if tensor.device == device or (device.type == tensor.device.type and device.index is None):
+        return tensor
+    transfer_counter.count += 1
+    if tensor.device.type == "cpu" and device.type == "cuda" and not tensor.is_pinned():
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
+def _box_array(boxes: torch.Tensor | np.ndarray | Sequence[Sequence[int]]) -> np.ndarray:
+    """Boxes as a host ``int64 [n, 4]`` array: grouping and bounds checks never wait on a device."""
+    if isinstance(boxes, torch.Tensor):
+        arr = boxes.detach().to("cpu", torch.int64).numpy()  # callers should pass host boxes
+    else:
+        arr = np.asarray(boxes, dtype=np.int64)
+    if arr.size == 0:
+        return np.zeros((0, 4), dtype=np.int64)
+    if arr.ndim != 2 or arr.shape[1] != 4:
+        raise ConfigError(f"boxes must be a tensor of shape [N, 4], got {tuple(arr.shape)}")
+    return arr
+
+
+def _check_image(image: object) -> torch.Tensor:
+    if not isinstance(image, torch.Tensor) or image.ndim != 3 or image.shape[0] != 3:
+        shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+        raise ConfigError(f"image must be a [3, H, W] tensor, got {shape}")
+    return image
+
+
+def _resize_like_pil(crops: torch.Tensor, size: int) -> torch.Tensor:
+    """Square float crops ``[k, 3, L, L]`` → ``[k, 3, size, size]`` as PIL's two-pass BICUBIC does."""
+    side = crops.shape[2]
+    # A pass whose length is unchanged is an identity for this kernel, as PIL skips it.
+    horiz = F.interpolate(crops, size=(side, size), mode="bicubic", antialias=True, align_corners=False)
+    horiz = torch.floor(horiz + 0.5).clamp_(0.0, 255.0)  # PIL stores pass 1 as uint8
+    resized = F.interpolate(horiz, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    return resized.clamp_(0.0, 255.0)
+
+
+READY = -1  # group key of a view that arrives already cut (no resize)
+
+
+@dataclass(frozen=True)
+class ViewPlan:
+    """Host-side plan to cut a batch's views in side-sorted order (built by :func:`plan_views`).
+
+    Views are numbered image-major ("flat" order). Cutting runs in *sorted* order — views grouped
+    by box side, so a contiguous range of sorted positions is a few same-side groups — and one
+    gather (:meth:`pad_index`/:meth:`inverse`, uploaded once) restores image order afterwards.
+    Everything here is numpy: planning never waits on a device.
+    """
+
+    counts: tuple[int, ...]  # views per image
+    src: np.ndarray  # per flat view: which source tensor it comes from
+    boxes: np.ndarray  # per flat view: (x0, y0, x1, y1) in its source, or (k, 0, 0, 0) for READY
+    key: np.ndarray  # per flat view: group key (box width/height code, READY for ready-made views)
+    order: np.ndarray  # sorted position -> flat view index
+
+    @property
+    def total(self) -> int:
+        return int(self.order.shape[0])
+
+    def inverse(self) -> np.ndarray:
+        """flat view index -> sorted position."""
+        inv = np.empty(self.total, dtype=np.int64)
+        inv[self.order] = np.arange(self.total)
+        return inv
+
+    def pad_index(self) -> np.ndarray:
+        """``[B, Vmax]`` sorted position of image ``b``'s ``j``-th view; ``-1`` pads ragged rows."""
+        vmax = max(self.counts, default=0)
+        out = np.full((len(self.counts), vmax), -1, dtype=np.int64)
+        inv, start = self.inverse(), 0
+        for b, n in enumerate(self.counts):
+            out[b, :n] = inv[start : start + n]
+            start += n
+        return out
+
+
+def plan_views(
+    boxes: Sequence[torch.Tensor | np.ndarray | Sequence[Sequence[int]] | None],
+    shapes: Sequence[tuple[int, ...]],
+    ready: Sequence[int] | None = None,
+) -> ViewPlan:
+    """Plan the views of a batch: per source, ``boxes[i]`` to cut from a ``shapes[i]`` image.
+
+    ``shapes[i]`` is the source tensor's shape (``[3, H, W]``); boxes are checked against it here,
+    on the host. ``ready[i] > 0`` says source ``i`` is instead ``ready[i]`` views already cut at the
+    output size (``[n, 3, S, S]``); its ``boxes[i]`` is ignored. Ready views sort first.
+    """
+    ready = list(ready) if ready is not None else [0] * len(shapes)
+    if not (len(boxes) == len(shapes) == len(ready)):
+        raise ConfigError(f"{len(shapes)} images but {len(boxes)} box sets")
+    arrays, keys, counts = [], [], []
+    for b, shape, n_ready in zip(boxes, shapes, ready):
+        if n_ready:
+            arr = np.zeros((int(n_ready), 4), dtype=np.int64)
+            arr[:, 0] = np.arange(int(n_ready))
+            arrays.append(arr)
+            keys.append(np.full(int(n_ready), READY, dtype=np.int64))
+            counts.append(int(n_ready))
+            continue
+        if len(shape) != 3 or shape[0] != 3:
+            raise ConfigError(f"image must be a [3, H, W] tensor, got {tuple(shape)}")
+        arr = _box_array(b)
+        h, w = int(shape[1]), int(shape[2])
+        bad = ~((arr[:, 0] >= 0) & (arr[:, 0] < arr[:, 2]) & (arr[:, 2] <= w)
+                & (arr[:, 1] >= 0) & (arr[:, 1] < arr[:, 3]) & (arr[:, 3] <= h))
+        if bad.any():
+            x0, y0, x1, y1 = (int(v) for v in arr[np.argmax(bad)])
+            raise ConfigError(f"box {(x0, y0, x1, y1)} is empty or outside the {w}x{h} image")
+        arrays.append(arr)
+        # (width, height) packed into one sortable key; views are square, so this is the side.
+        keys.append((arr[:, 2] - arr[:, 0]) * (1 << 31) + (arr[:, 3] - arr[:, 1]))
+        counts.append(int(arr.shape[0]))
+    allb = np.concatenate(arrays) if arrays else np.zeros((0, 4), dtype=np.int64)
+    key = np.concatenate(keys) if keys else np.zeros(0, dtype=np.int64)
+    src = np.repeat(np.arange(len(counts)), counts)
+    return ViewPlan(tuple(counts), src, allb, key, np.argsort(key, kind="stable"))
+
+
+def cut_planned(
+    sources: Sequence[torch.Tensor], plan: ViewPlan, start: int, stop: int, size: int, *, as_uint8: bool = True
+) -> torch.Tensor:
+    """Views at sorted positions ``[start, stop)`` of ``plan`` → ``[stop - start, 3, size, size]``.
+
+    One stack and two resizes per distinct side in the range, written to contiguous slices: no
+    index is uploaded and nothing is read back, so the device never waits for the host. Peak
+    float memory is that of the range (the encoder passes one ``--view-batch-size`` chunk).
+    """
+    size = _check_size(size)
+    device = sources[0].device if sources else torch.device("cpu")
+    out = torch.empty((max(stop - start, 0), 3, size, size), dtype=torch.float32, device=device)
+    if stop <= start:
+        return out.to(torch.uint8) if as_uint8 else out
+    idx = plan.order[start:stop]
+    keys = plan.key[idx]
+    bounds = np.flatnonzero(np.diff(keys)) + 1
+    for lo, hi in zip(np.r_[0, bounds].tolist(), np.r_[bounds, len(idx)].tolist()):
+        group = idx[lo:hi].tolist()
+        if keys[lo] == READY:
+            out[lo:hi] = torch.stack([sources[plan.src[k]][plan.boxes[k, 0]] for k in group])
+            continue
+        crops = torch.stack([
+            sources[plan.src[k]][:, plan.boxes[k, 1]:plan.boxes[k, 3], plan.boxes[k, 0]:plan.boxes[k, 2]]
+            for k in group
+        ]).to(torch.float32)
+        out[lo:hi] = _resize_like_pil(crops, size)
+    # One rounding for the whole range (not one per side group): fewer kernel launches.
+    return out.round_().clamp_(0, 255).to(torch.uint8) if as_uint8 else out
+
+
+def crop_resize_batch(
+    images: Sequence[torch.Tensor],
+    boxes: Sequence[torch.Tensor | np.ndarray | Sequence[Sequence[int]]],
+    size: int,
+    *,
+    as_uint8: bool = True,
+) -> torch.Tensor:
+    """Every view of a batch of images in one pass: ``[sum n_i, 3, size, size]``, image-major.
+
+    Same pixels as :func:`crop_resize_tensor` on each image (bit-identical: the same interpolation
+    runs on the same crops; only which crops share a call changes, and every crop is resized
+    independently). Built so the device never waits on the host:
+
+    * boxes stay on the host (numpy); grouping, bounds checks and the output order are computed
+      there (:func:`plan_views`), so nothing is read back from the device;
+    * boxes of *all* images are grouped by side, so each distinct side is one stack + two resizes
+      (the number of groups is bounded by the distinct crop sides of the batch, not images × boxes),
+      each written to a contiguous slice of a side-sorted buffer (:func:`cut_planned`);
+    * one permutation gather restores image-major order — its index is the only host-to-device
+      copy (none when the sorted order already is image order).
+
+    Args:
+        images: ``[3, H_i, W_i]`` uint8 or float (0..255) tensors, all on one device.
+        boxes: per image, ``[n_i, 4]`` integer ``(x0, y0, x1, y1)`` boxes inside it (host
+            arrays/tensors; device tensors work but cost a read-back each).
+        size: output side.
+        as_uint8: round to uint8 (what the encoder consumes), else float32 in 0..255.
+    """
+    size = _check_size(size)
+    for image in images:
+        _check_image(image)
+    if len({im.device for im in images}) > 1:
+        raise ConfigError("all images of a batch must be on one device")
+    plan = plan_views(boxes, [tuple(im.shape) for im in images])
+    out = cut_planned(images, plan, 0, plan.total, size, as_uint8=as_uint8)
+    if np.array_equal(plan.order, np.arange(plan.total)):
+        return out
+    return out[to_device(torch.from_numpy(plan.inverse()), out.device)]
+
+
 def crop_resize_tensor(
     image: torch.Tensor, boxes: torch.Tensor | Sequence[Sequence[int]], size: int
 ) -> torch.Tensor:
@@ -210,7 +431,8 @@ def crop_resize_tensor(
     and the intermediate result is rounded and clipped to 0..255 as PIL does in uint8; without
     that step sharp edges differ by up to ~27 grey levels because PIL clips the first pass's
     overshoot (a consequence: float inputs are treated as 8-bit images). Boxes of equal width
-    and height are resized in one batched call. Boxes must lie inside the image.
+    and height are resized in one batched call (see :func:`crop_resize_batch`, which this is for
+    one image). Boxes must lie inside the image.
 
     Measured agreement with :func:`crop_resize_pil` (absolute difference in 0..255 units, scales
     (0.1, 0.9) and (0.5, 0.9), up- and down-scaling): on 40 ImageNet photos resized to 224, mean
@@ -220,40 +442,14 @@ def crop_resize_tensor(
 
     Args:
         image: ``[3, H, W]`` uint8 or float tensor with values in 0..255, on any device.
-        boxes: ``[n, 4]`` integer ``(x0, y0, x1, y1)`` boxes, exclusive corners.
-        size: output side length.
+        boxes: ``[n, 4]`` integer ``(x0, y0, x1, y1)`` boxes, exclusive corners (host memory).
 
     Returns:
         float32 tensor ``[n, 3, size, size]`` in 0..255 on ``image``'s device.
     """
     size = _check_size(size)
-    if not isinstance(image, torch.Tensor) or image.ndim != 3 or image.shape[0] != 3:
-        shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
-        raise ConfigError(f"image must be a [3, H, W] tensor, got {shape}")
-    img = image.to(torch.float32)
-    h, w = img.shape[1], img.shape[2]
-    box_list = _box_list(boxes)
-    for x0, y0, x1, y1 in box_list:
-        if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
-            raise ConfigError(f"box {(x0, y0, x1, y1)} is empty or outside the {w}x{h} image")
-    out = torch.empty((len(box_list), 3, size, size), dtype=torch.float32, device=img.device)
-    groups: dict[tuple[int, int], list[int]] = {}
-    for k, (x0, y0, x1, y1) in enumerate(box_list):
-        groups.setdefault((x1 - x0, y1 - y0), []).append(k)
-    for (_, bh), idx in groups.items():
-        crops = torch.stack(
-            [img[:, box_list[k][1] : box_list[k][3], box_list[k][0] : box_list[k][2]] for k in idx]
-        )
-        # A pass whose length is unchanged is an identity for this kernel, as PIL skips it.
-        horiz = F.interpolate(
-            crops, size=(bh, size), mode="bicubic", antialias=True, align_corners=False
-        )
-        horiz = torch.floor(horiz + 0.5).clamp_(0.0, 255.0)  # PIL stores pass 1 as uint8
-        resized = F.interpolate(
-            horiz, size=(size, size), mode="bicubic", antialias=True, align_corners=False
-        )
-        out[torch.tensor(idx, device=img.device)] = resized.clamp_(0.0, 255.0)
-    return out
+    image = _check_image(image)
+    return crop_resize_batch([image], [boxes], size, as_uint8=False)
 
 
 def normalize(

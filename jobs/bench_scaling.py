@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -233,6 +234,17 @@ def add_scaling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-throughput-ratio", type=float, default=0.9)
     parser.add_argument("--max-rss-growth", type=float, default=0.20, help="allowed relative driver RSS growth")
     parser.add_argument("--max-rss-growth-mb", type=float, default=150.0, help="allowed absolute driver RSS growth")
+    d = parser.add_argument_group("driver case (manifests of missing images: cheap error rows)")
+    d.add_argument("--driver-rows", default="1000000,10000000", help="manifest sizes A,B (B is checked)")
+    d.add_argument("--driver-model", default="ViT-S-32", help="architecture of the driver case (random weights)")
+    d.add_argument("--driver-shard-size", type=int, default=1000, help="--shard-size of the driver case")
+    d.add_argument("--driver-left-shards", type=int, default=3, help="shards left to do in the resumed run")
+    d.add_argument("--driver-timeout", type=float, default=600.0, help="seconds one driver run may take")
+    d.add_argument("--driver-max-growth-mb", type=float, default=50.0, help="driver peak growth from A to B rows")
+    d.add_argument("--driver-max-peak-mb", type=float, default=1200.0, help="driver peak at B rows")
+    d.add_argument("--driver-max-first-part-s", type=float, default=20.0, help="first part file at B rows")
+    parser.add_argument("--only", choices=["throughput", "driver"], default=None,
+                        help="run one case (default: both)")
 
 
 def check_scaling_args(args: argparse.Namespace) -> None:
@@ -241,6 +253,10 @@ def check_scaling_args(args: argparse.Namespace) -> None:
                         ("--num-views", args.num_views)):
         if value is not None and value < 1:
             raise ConfigError(f"{flag} must be a positive integer, got {value}")
+    for flag, value in (("--driver-shard-size", args.driver_shard_size), ("--driver-left-shards", args.driver_left_shards)):
+        if value < 1:
+            raise ConfigError(f"{flag} must be a positive integer, got {value}")
+    driver_rows(args)
     if args.image_side < MIN_IMAGE_SIDE:
         raise ConfigError(f"--image-side must be at least {MIN_IMAGE_SIDE}, got {args.image_side}")
     for flag, value in (("--min-throughput-ratio", args.min_throughput_ratio),
@@ -253,6 +269,17 @@ def check_scaling_args(args: argparse.Namespace) -> None:
     LabelConfig(input="unused", labels=[args.labels or "unused"], out="unused", method=args.method,
                 num_views=args.num_views, batch_size=args.batch_size,
                 model=ModelConfig(model=args.model, pretrained=args.pretrained, device=args.device)).validate()
+
+
+def driver_rows(args: argparse.Namespace) -> tuple[int, int]:
+    """``--driver-rows A,B`` → (A, B) with 0 < A < B."""
+    try:
+        a, b = (int(x) for x in str(args.driver_rows).split(","))
+    except ValueError:
+        raise ConfigError(f"--driver-rows must be two row counts A,B, got {args.driver_rows!r}") from None
+    if not 0 < a < b:
+        raise ConfigError(f"--driver-rows A,B needs 0 < A < B, got {args.driver_rows}")
+    return a, b
 
 
 def working_rate(run: RunFigures, startup_s: float) -> float:
@@ -296,10 +323,201 @@ def evaluate_targets(small: RunFigures, large: RunFigures, warm_cache_runs: list
     }
 
 
-def run_scaling(args: argparse.Namespace) -> int:
-    """Run the scaling benchmark; 0 when every target holds, 1 otherwise."""
+# ------------------------------------------------------------------------------ driver case
+
+
+@dataclass
+class DriverFigures:
+    """The driver process of one ``bifta label`` run over a manifest of ``rows`` missing images."""
+
+    rows: int
+    fresh_peak_rss_mb: float  # fresh OUT: listing and the first published shard
+    first_part_s: float  # fresh OUT: seconds from launch to the first published part file
+    resume_peak_rss_mb: float  # mostly-finished OUT (all but a few shards published), run to the end
+    resume_first_part_s: float
+    resume_total_s: float
+    resume_rc: int
+
+    @property
+    def peak_rss_mb(self) -> float:
+        return max(self.fresh_peak_rss_mb, self.resume_peak_rss_mb)
+
+
+def _driver_rss_kb(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):  # the kernel's own peak: nothing between samples is missed
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _published(out: str) -> set[str]:
+    try:
+        return {n for n in os.listdir(out) if n.startswith("part-") and n.endswith(".parquet")}
+    except FileNotFoundError:
+        return set()
+
+
+def _watch(cmd: list[str], out: str, *, stop_at_first_part: bool, timeout_s: float, log_path: str) -> tuple[float, float, int]:
+    """Run ``cmd`` in its own session → (driver peak RSS MB, seconds to the first new part file, rc).
+
+    With ``stop_at_first_part`` the whole session (driver and its embedded Ray) is killed once a
+    new part file appears; rc is then -9.
+    """
+    import signal
+    import subprocess
+
+    before = _published(out)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    started = time.perf_counter()
+    first = float("nan")
+    peak = 0
+    with open(log_path, "w", encoding="utf-8") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            while proc.poll() is None:
+                peak = max(peak, _driver_rss_kb(proc.pid))
+                if first != first and _published(out) - before:
+                    first = time.perf_counter() - started
+                    if stop_at_first_part:
+                        break
+                if time.perf_counter() - started > timeout_s:
+                    break
+                time.sleep(0.05)
+            if first != first and _published(out) - before:
+                first = time.perf_counter() - started
+        finally:
+            peak = max(peak, _driver_rss_kb(proc.pid))
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            rc = proc.wait(timeout=60)
+            _kill_session_leftovers(proc.pid)
+    return round(peak / 1024, 1), round(first, 2), rc
+
+
+def _kill_session_leftovers(sid: int) -> None:
+    """Ray helpers of a killed embedded run share its session id; end any that outlived it."""
+    import signal
+    import subprocess
+
+    ps = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True).stdout
+    for line in ps.splitlines():
+        pid, _, s = line.strip().partition(" ")
+        if s.strip() == str(sid):
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid), signal.SIGKILL)
+
+
+def write_missing_manifest(path: str, rows: int) -> str:
+    """A Parquet manifest of ``rows`` URIs that do not exist (each becomes a cheap error row)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    step = 1_000_000
+    with pq.ParquetWriter(path, pa.schema([("uri", pa.string())])) as writer:
+        for start in range(0, rows, step):
+            n = min(step, rows - start)
+            uris = pa.array([f"/nonexistent/bifta-bench/img_{i:010d}.jpg" for i in range(start, start + n)])
+            writer.write_table(pa.table({"uri": uris}))
+    return path
+
+
+def run_driver_case(work: str, rows: int, args: argparse.Namespace, labels: str, cache: str) -> DriverFigures:
+    """Fresh run until its first part file, then a resume of a mostly-finished OUT to the end."""
+    import pyarrow.parquet as pq  # noqa: F401  (fails early if the environment is broken)
+
+    from pipelines.inputs import read_listing
+    from pipelines.write import part_name
+
+    manifest = write_missing_manifest(os.path.join(work, f"driver-{rows}.parquet"), rows)
+    out = os.path.join(work, f"driver-out-{rows}")
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "jobs.label", manifest, "--labels", labels, "--out", out, "--method", "clip",
+           "--model", args.driver_model, "--pretrained", "random", "--shard-size", str(args.driver_shard_size),
+           "--labelset-cache", cache, "--quiet"]
+    fresh_peak, first, _ = _watch(cmd, out, stop_at_first_part=True, timeout_s=args.driver_timeout,
+                                  log_path=out + "-fresh.log")
+    # Mostly finished: every shard but the last few is marked done by name (resume opens no part file).
+    listing = read_listing(out)
+    published = sorted(_published(out))
+    if listing is not None and published:
+        source = os.path.join(out, published[0])
+        for shard, _ in listing.shards[: -args.driver_left_shards]:
+            target = os.path.join(out, part_name(shard))
+            if not os.path.exists(target):
+                os.link(source, target)
+    resume_started = time.perf_counter()
+    resume_peak, resume_first, rc = _watch(cmd, out, stop_at_first_part=False, timeout_s=args.driver_timeout,
+                                           log_path=out + "-resume.log")
+    fig = DriverFigures(rows=rows, fresh_peak_rss_mb=fresh_peak, first_part_s=first, resume_peak_rss_mb=resume_peak,
+                        resume_first_part_s=resume_first, resume_total_s=round(time.perf_counter() - resume_started, 2),
+                        resume_rc=rc)
+    print(f"  driver {rows:>10,} rows: first part file after {fig.first_part_s:.1f}s (fresh), driver peak RSS "
+          f"{fig.fresh_peak_rss_mb:.0f} MB fresh / {fig.resume_peak_rss_mb:.0f} MB resume "
+          f"({args.driver_left_shards} shards left, {fig.resume_total_s:.1f}s, rc {rc})", flush=True)
+    shutil.rmtree(out, ignore_errors=True)
+    os.remove(manifest)
+    return fig
+
+
+def driver_targets(small: DriverFigures, large: DriverFigures, args: argparse.Namespace) -> dict[str, Any]:
+    growth = large.peak_rss_mb - small.peak_rss_mb
+    return {
+        "driver_peak_growth": {"small_rows": small.rows, "large_rows": large.rows, "mb": round(growth, 1),
+                               "max_mb": args.driver_max_growth_mb, "ok": growth <= args.driver_max_growth_mb},
+        "driver_peak": {"rows": large.rows, "mb": large.peak_rss_mb, "max_mb": args.driver_max_peak_mb,
+                        "ok": large.peak_rss_mb <= args.driver_max_peak_mb},
+        "first_part_file": {"rows": large.rows, "seconds": large.first_part_s, "max_s": args.driver_max_first_part_s,
+                            "ok": large.first_part_s <= args.driver_max_first_part_s},
+        "driver_runs_complete": {"rc": {small.rows: small.resume_rc, large.rows: large.resume_rc},
+                                 "ok": small.resume_rc == 0 and large.resume_rc == 0},
+    }
+
+
+def _throughput_case(work: str, args: argparse.Namespace, labels: str, cache: str,
+                     log: _LabelSetLog) -> tuple[dict[str, Any], dict[str, Any]]:
+    """N and factor×N generated images after a warm-up and a one-batch start-up run → (targets, figures)."""
     from bifta_core.config import LabelConfig, ModelConfig
 
+    big = args.n * args.factor
+    t0 = time.perf_counter()
+    images = generate_images(os.path.join(work, "images"), big, side=args.image_side)
+    print(f"bench scaling: generated {big} images in {time.perf_counter() - t0:.1f}s under {work}", flush=True)
+    small_manifest = write_manifest(os.path.join(work, "small.csv"), images[: args.n])
+    large_manifest = write_manifest(os.path.join(work, "large.csv"), images)
+    one_batch_manifest = write_manifest(os.path.join(work, "one-batch.csv"), images[: args.batch_size])
+
+    def config(manifest: str, out: str) -> LabelConfig:
+        shutil.rmtree(out, ignore_errors=True)
+        return LabelConfig(
+            input=manifest, labels=[labels], out=out, method=args.method, num_views=args.num_views,
+            batch_size=args.batch_size, labelset_cache=cache, explain=False,
+            model=ModelConfig(model=args.model, pretrained=args.pretrained, device=args.device),
+        )
+
+    print(f"  method {args.method}, model {args.model} ({args.pretrained}), N = {args.n}, {args.factor}×N = {big}",
+          flush=True)
+    warm = _run_once("warm-up", config(small_manifest, os.path.join(work, "out-warm")), log)
+    startup = _run_once("start-up", config(one_batch_manifest, os.path.join(work, "out-startup")), log)
+    small = _run_once("N", config(small_manifest, os.path.join(work, "out-small")), log)
+    large = _run_once(f"{args.factor}xN", config(large_manifest, os.path.join(work, "out-large")), log)
+    targets = evaluate_targets(small, large, [small, large], args, expected={small.name: args.n, large.name: big},
+                               startup_s=startup.encode_seconds)
+    # Images/s once actors are up: the extra images over the extra encode time (informational).
+    extra_s = large.encode_seconds - small.encode_seconds
+    marginal = (large.images - small.images) / extra_s if extra_s > 0 else None
+    if marginal is not None:
+        print(f"  marginal throughput (startup excluded): {marginal:.2f} img/s")
+    figures = {"marginal_images_per_second": None if marginal is None else round(marginal, 3),
+               "runs": [vars(r) for r in (warm, startup, small, large)]}
+    return targets, figures
+
+
+def run_scaling(args: argparse.Namespace) -> int:
+    """Run the scaling benchmark; 0 when every target holds, 1 otherwise."""
     check_scaling_args(args)
     work = args.work_dir or tempfile.mkdtemp(prefix="bifta-bench-scaling-")
     os.makedirs(work, exist_ok=True)
@@ -309,54 +527,32 @@ def run_scaling(args: argparse.Namespace) -> int:
     log = _LabelSetLog()
     logging.getLogger("bifta.label_set").addHandler(log)
     try:
-        big = args.n * args.factor
-        t0 = time.perf_counter()
-        images = generate_images(os.path.join(work, "images"), big, side=args.image_side)
-        print(f"bench scaling: generated {big} images in {time.perf_counter() - t0:.1f}s under {work}", flush=True)
-        small_manifest = write_manifest(os.path.join(work, "small.csv"), images[: args.n])
-        large_manifest = write_manifest(os.path.join(work, "large.csv"), images)
-        one_batch_manifest = write_manifest(os.path.join(work, "one-batch.csv"), images[: args.batch_size])
         labels = args.labels or generate_label_set(os.path.join(work, "labelset"))
         cache = os.path.join(work, "labelset-cache")
         shutil.rmtree(cache, ignore_errors=True)
+        result: dict[str, Any] = {"benchmark": "scaling", "n": args.n, "factor": args.factor, "method": args.method,
+                                  "model": args.model, "pretrained": args.pretrained}
+        targets: dict[str, Any] = {}
+        if args.only in (None, "throughput"):
+            part, figures = _throughput_case(work, args, labels, cache, log)
+            targets.update(part)
+            result.update(figures)
+            import ray
 
-        def config(manifest: str, out: str) -> LabelConfig:
-            shutil.rmtree(out, ignore_errors=True)
-            return LabelConfig(
-                input=manifest, labels=[labels], out=out, method=args.method, num_views=args.num_views,
-                batch_size=args.batch_size, labelset_cache=cache, explain=False,
-                model=ModelConfig(model=args.model, pretrained=args.pretrained, device=args.device),
-            )
-
-        print(f"  method {args.method}, model {args.model} ({args.pretrained}), N = {args.n}, {args.factor}×N = {big}",
-              flush=True)
-        warm = _run_once("warm-up", config(small_manifest, os.path.join(work, "out-warm")), log)
-        startup = _run_once("start-up", config(one_batch_manifest, os.path.join(work, "out-startup")), log)
-        small = _run_once("N", config(small_manifest, os.path.join(work, "out-small")), log)
-        large = _run_once(f"{args.factor}xN", config(large_manifest, os.path.join(work, "out-large")), log)
-        targets = evaluate_targets(small, large, [small, large], args,
-                                   expected={small.name: args.n, large.name: big},
-                                   startup_s=startup.encode_seconds)
+            ray.shutdown()  # the driver case's runs start embedded Rays of their own
+        if args.only in (None, "driver"):
+            small_rows, large_rows = driver_rows(args)
+            print(f"  driver case: manifests of {small_rows:,} and {large_rows:,} missing images, "
+                  f"--method clip --model {args.driver_model} --pretrained random --shard-size {args.driver_shard_size}",
+                  flush=True)
+            small_d = run_driver_case(work, small_rows, args, labels, cache)
+            large_d = run_driver_case(work, large_rows, args, labels, cache)
+            targets.update(driver_targets(small_d, large_d, args))
+            result["driver"] = [dataclasses.asdict(d) for d in (small_d, large_d)]
         ok = all(t["ok"] for t in targets.values())
         for name, t in targets.items():
             print(f"  {'PASS' if t['ok'] else 'FAIL'} {name}: " + ", ".join(f"{k}={v}" for k, v in t.items() if k != "ok"))
-        # Images/s once actors are up: the extra images over the extra encode time (informational).
-        extra_s = large.encode_seconds - small.encode_seconds
-        marginal = (large.images - small.images) / extra_s if extra_s > 0 else None
-        if marginal is not None:
-            print(f"  marginal throughput (startup excluded): {marginal:.2f} img/s")
-        result = {
-            "benchmark": "scaling",
-            "marginal_images_per_second": None if marginal is None else round(marginal, 3),
-            "ok": ok,
-            "n": args.n,
-            "factor": args.factor,
-            "method": args.method,
-            "model": args.model,
-            "pretrained": args.pretrained,
-            "runs": [vars(r) for r in (warm, startup, small, large)],
-            "targets": targets,
-        }
+        result.update(ok=ok, targets=targets)
         print(json.dumps(result, default=str), flush=True)
         return 0 if ok else 1
     finally:

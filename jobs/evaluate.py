@@ -32,7 +32,7 @@ logger = logging.getLogger("bifta.evaluate")
 _CONFIG_FIELDS = {
     "num_views", "max_views", "iou_threshold", "scale", "seed", "desc_threshold", "desc_top_k", "image_scale",
     "text_scale", "merge_duplicate_classes", "pgs_keep", "pgs_whole_image", "batch_size", "view_batch_size",
-    "num_encoders", "limit", "max_pixels", "labelset_cache",
+    "num_encoders", "gpus", "num_decoders", "shard_size", "limit", "max_pixels", "labelset_cache",
 }
 #: Flags that fix the image embeddings: with --from-embeddings they must match the saved ones.
 _VIEW_FLAGS = ("num_views", "max_views", "iou_threshold", "scale", "seed", "pgs_keep", "pgs_whole_image")
@@ -63,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e = parser.add_argument_group("evaluation")
     e.add_argument("--protocol-runs", type=int, default=None, help="WCA protocol: runs of random view subsets")
     e.add_argument("--protocol-views", type=int, default=None, help="WCA protocol: views drawn per image and run")
-    e.add_argument("--save-embeddings", action="store_true", help="write OUT/embeddings.parquet for re-scoring")
+    e.add_argument("--save-embeddings", action="store_true", help="keep OUT/embeddings/ (one Parquet file per shard) for re-scoring")
     e.add_argument("--from-embeddings", default=None, metavar="DIR",
                    help="re-score embeddings saved by an earlier --save-embeddings run (no image is encoded)")
     e.add_argument("--logit-scale", type=float, default=100.0, help="confidence = softmax(logit scale × score)")
@@ -71,7 +71,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     x = parser.add_argument_group("execution")
     x.add_argument("--batch-size", type=int, default=s, help="images per encode batch (8)")
     x.add_argument("--view-batch-size", type=int, default=s, help="crops per encoder forward pass (256)")
-    x.add_argument("--num-encoders", type=int, default=s, help="encode actors (default: one per GPU, else 1)")
+    x.add_argument("--num-encoders", type=int, default=s,
+                   help="encode actors (default: --gpus, else one per GPU up now, else 1)")
+    x.add_argument("--gpus", type=int, default=s, help="GPU encode actors to ask the cluster for")
+    x.add_argument("--num-decoders", type=int, default=s, help="most decode+views actors (default: free CPUs)")
+    x.add_argument("--shard-size", type=int, default=s, help="images per embeddings file (20000)")
     x.add_argument("--limit", type=int, default=s, help="evaluate only the first N inputs")
     x.add_argument("--max-pixels", type=int, default=s, help="refuse images larger than this")
     x.add_argument("--labelset-cache", default=s, help="label-set embedding cache folder (~/.cache/bifta/labelsets)")

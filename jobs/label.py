@@ -50,6 +50,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=s, help="auto (default), cpu, cuda, cuda:1 …")
     g.add_argument("--precision", default=s, choices=["auto", "fp32", "fp16", "bf16"], help="autocast on CUDA")
     g.add_argument("--model-cache-dir", default=s, help="where downloaded checkpoints are kept")
+    g.add_argument("--quick-gelu", dest="quick_gelu", action="store_true", default=s,
+                   help="build the model with QuickGELU (default: what the weights were trained with)")
+    g.add_argument("--no-quick-gelu", dest="quick_gelu", action="store_false", default=s)
     v = parser.add_argument_group("views (WCA / BiFTA)")
     v.add_argument("--num-views", type=int, default=s, help="crops sampled per image (wca 60, bifta 100)")
     v.add_argument("--max-views", type=int, default=s, help="crops kept after IoU refinement (bifta 100)")
@@ -85,11 +88,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e = parser.add_argument_group("execution")
     e.add_argument("--batch-size", type=int, default=s, help="images per encode batch (8)")
     e.add_argument("--view-batch-size", type=int, default=s, help="crops per encoder forward pass (256)")
-    e.add_argument("--num-encoders", type=int, default=s, help="encode actors (default: one per GPU, else 1)")
+    e.add_argument("--num-encoders", type=int, default=s,
+                   help="encode actors (default: --gpus, else one per GPU up now, else 1)")
+    e.add_argument("--gpus", type=int, default=s,
+                   help="GPU encode actors to ask the cluster for (autoscaling clusters start with none up)")
+    e.add_argument("--num-decoders", type=int, default=s, help="most decode+views actors (default: free CPUs)")
     e.add_argument("--limit", type=int, default=s, help="label only the first N inputs")
     e.add_argument("--top-k", type=int, default=s, help="labels kept per image (5)")
     e.add_argument("--max-pixels", type=int, default=s, help="refuse images larger than this (decompression-bomb guard)")
-    e.add_argument("--shard-size", type=int, default=s, help="images per output file (256)")
+    e.add_argument("--shard-size", type=int, default=s,
+                   help="inputs per shard = per output file (20000); fixed by the first run's saved listing")
+    e.add_argument("--retry-errors", action="store_true", default=s,
+                   help="redo the shards whose files hold error rows (replaced atomically)")
     e.add_argument("--labelset-cache", default=s, help="label-set embedding cache folder (~/.cache/bifta/labelsets)")
     e.add_argument("--no-labelset-cache", dest="labelset_cache", action="store_const", const="", default=s)
     e.add_argument("--labelset-artifact", dest="labelset_artifacts", action="append", default=s,

@@ -15,7 +15,7 @@ import sys
 
 from bifta_core.labelset_artifact import save_artifact
 from bifta_core.labelsets import LabelSet, load_label_set
-from bifta_core.models import load_model
+from bifta_core.models import load_model, text_precision
 from bifta_core.text_banks import BankSpec, build_label_set_embeddings
 
 logger = logging.getLogger("bifta.labelset")
@@ -44,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     b.add_argument("--pretrained", default="openai")
     b.add_argument("--device", default="auto")
     b.add_argument("--precision", default="auto")
+    b.add_argument("--quick-gelu", dest="quick_gelu", action="store_true", default=None,
+                   help="build the model with QuickGELU (default: what the weights were trained with)")
+    b.add_argument("--no-quick-gelu", dest="quick_gelu", action="store_false")
     b.add_argument("--desc-threshold", type=float, default=0.99)
     b.add_argument("--desc-top-k", type=int, default=50)
     b.add_argument("--text-scale", type=float, default=2.0)
@@ -56,7 +59,9 @@ def run(args: argparse.Namespace) -> int:
     if not (sep and name and "/" not in name and "," not in name):
         name, path = None, args.labels
     label_set = load_label_set(path, name, merge_duplicates=args.merge_duplicate_classes)
-    model = load_model(args.model, args.pretrained, device=args.device, precision=args.precision)
+    # Texts in the precision a labelling run's label-set stage uses (auto → fp32), same activation rules.
+    model = load_model(args.model, args.pretrained, device=args.device, precision=text_precision(args.precision),
+                       quick_gelu=args.quick_gelu)
     specs = available_specs(label_set, args.desc_threshold, args.desc_top_k)
     emb = build_label_set_embeddings(label_set, model, specs, text_scale=args.text_scale)
     written = save_artifact(emb, args.out)

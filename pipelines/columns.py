@@ -15,6 +15,7 @@ import pyarrow as pa
 COLUMN_TYPES: dict[str, pa.DataType] = {
     "image_id": pa.string(),
     "uri": pa.string(),
+    "shard": pa.string(),
     "true_label": pa.string(),
     "status": pa.string(),
     "error": pa.string(),

@@ -1,11 +1,13 @@
 """Evaluation encoding: inputs with ground truth → whole-image and all-view embeddings, once.
 
-The evaluation pipeline reuses the labelling stages — ``read_batch`` → :class:`EvalViewStage`
+The evaluation plan (:func:`eval_stages`, built and run like labelling's by ``pipelines.plan``,
+its rows written per shard by the same writers) reuses the labelling stages — read → :class:`EvalViewStage`
 (the labelling ``ViewStage`` once without views and once per view preset, with ``all_views=True``:
 every sampled box plus a mask of those refinement keeps) — and ends in :class:`EmbedStage`, an
 actor that encodes each image's whole view and every preset's views with
-:class:`pipelines.encode.ViewEncoder` and returns the embeddings (no scoring). The driver then
-scores every method from them (``bifta_core.evaluation``): WCA rows on WCA's views, BiFTA rows on
+:class:`pipelines.encode.ViewEncoder` and returns the embeddings (no scoring), which the writers
+publish as ``OUT/embeddings/part-<shard>.parquet``. The driver then reads them back and scores every
+method from them (``bifta_core.evaluation``): WCA rows on WCA's views, BiFTA rows on
 BiFTA's, each exactly as ``bifta label --method wca|bifta`` samples and encodes them.
 """
 
@@ -13,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 from typing import Any, Sequence
 
@@ -21,61 +22,23 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from bifta_core import storage
 from bifta_core.config import LabelConfig
-from bifta_core.errors import InputError, LabelSetError
+from bifta_core.errors import LabelSetError
 from bifta_core.eval_embeddings import FLAT_SCHEMA
 from bifta_core.evaluation import VIEW_PRESET_NAMES
 from bifta_core.labelset_artifact import load_artifact, save_artifact
 from bifta_core.labelsets import LabelSet, load_label_set
-from bifta_core.models import load_model, model_identity, model_input_size, model_preprocess
+from bifta_core.models import model_identity, model_input_size, model_preprocess
 from bifta_core.text_banks import BankSpec, LabelSetEmbeddings, content_hash
 from bifta_core.views import ViewPreset
 from pipelines.columns import COLUMN_TYPES
 from pipelines.encode import ViewEncoder
-from pipelines.inputs import _read_manifest, list_inputs, MANIFEST_EXTENSIONS
-from pipelines.read import read_batch
 from pipelines.views import ViewStage
 
 logger = logging.getLogger("bifta.evaluate")
 
 
 # ------------------------------------------------------------------------------------ inputs
-
-
-def list_eval_inputs(spec: str, label_column: str = "label", limit: int | None = None) -> pa.Table:
-    """List a labelled dataset → ``image_id, uri, true_label``.
-
-    ``spec`` is a manifest (``.csv``/``.parquet`` with ``uri`` or ``path`` and ``label_column``)
-    or a folder with one sub-folder per class (the class is the first path component below it).
-    Raises :class:`InputError` when no ground truth can be found.
-    """
-    is_manifest = spec.lower().endswith(MANIFEST_EXTENSIONS)
-    table = list_inputs(spec, None)
-    if is_manifest:
-        local = spec if storage.is_remote(spec) else os.path.abspath(os.path.expanduser(spec))
-        manifest = _read_manifest(local)
-        if label_column not in manifest.column_names:
-            raise InputError(
-                f"manifest {spec} has no '{label_column}' column for the ground truth "
-                f"(columns: {', '.join(manifest.column_names)}); pick one with --label-column"
-            )
-        labels = [None if v is None else str(v) for v in manifest.column(label_column).to_pylist()]
-        table = table.drop_columns([c for c in ("true_label",) if c in table.column_names])
-        table = table.append_column("true_label", pa.array(labels, pa.string()))
-    else:
-        ids = table.column("image_id").to_pylist()
-        flat = [i for i in ids if "/" not in i.strip("/")]
-        if flat:
-            raise InputError(
-                f"{spec}: evaluation needs one sub-folder per class (or a manifest with a label column); "
-                f"{len(flat)} images lie directly in it, e.g. {flat[:3]}"
-            )
-        labels = [i.strip("/").split("/", 1)[0] for i in ids]
-        table = table.append_column("true_label", pa.array(labels, pa.string()))
-    if limit is not None:
-        table = table.slice(0, limit)
-    return table
 
 
 # --------------------------------------------------------------------------------- label set
@@ -99,18 +62,17 @@ def load_eval_label_set(config: LabelConfig) -> LabelSet:
 
 
 def prepare_eval_label_set(
-    config: LabelConfig, label_set: LabelSet, specs: list[BankSpec], model_cfg: dict
+    config: LabelConfig, label_set: LabelSet, specs: list[BankSpec], model_cfg: dict, *, num_gpus: float = 0,
+    remote: dict | None = None,
 ) -> tuple[LabelSetEmbeddings, bool]:
     """Text embeddings of ``label_set`` for ``specs`` → (embeddings, cache hit).
 
-    Uses the labelling pipeline's content-hash cache; a miss is encoded in one Ray task (on a GPU
-    when the cluster has one), and Ray is started only then.
+    Uses the labelling pipeline's content-hash cache and key (:func:`pipelines.label_set.label_set_identity`);
+    a miss is encoded in the labelling pipeline's Ray task, with the same resources and runtime environment.
     """
-    from pipelines.label_set import _encode_label_sets
-    from pipelines.pipeline import ensure_ray
+    from pipelines.label_set import _encode_label_sets, label_set_identity
 
-    identity = model_identity(config.model.model, config.model.pretrained, config.model.cache_dir)
-    digest = content_hash(label_set, identity, specs, config.text_scale)
+    digest = content_hash(label_set, label_set_identity(config), specs, config.text_scale)
     cache = _cache_file(config, digest)
     if cache and os.path.exists(cache):
         try:
@@ -123,12 +85,15 @@ def prepare_eval_label_set(
             logger.warning("ignoring unreadable label-set cache %s: %s", cache, exc)
     logger.info("label set '%s': %d classes, refining and encoding descriptions for %d banks",
                 label_set.name, label_set.num_classes, len(specs))
-    ensure_ray()
     import ray
 
-    gpus = 1 if ray.cluster_resources().get("GPU", 0) else 0
-    task = _encode_label_sets.options(num_gpus=gpus)
-    emb = ray.get(task.remote([label_set], model_cfg, specs, config.text_scale))[0]
+    from pipelines.pipeline import ensure_ray
+
+    ensure_ray()
+    task = _encode_label_sets.options(num_gpus=num_gpus, **(remote or {}))
+    text_cfg = {**model_cfg, "quick_gelu": config.model.quick_gelu}
+    emb = ray.get(task.remote([label_set], text_cfg, specs, config.text_scale))[0]
+    emb.content_hash = digest
     if cache:
         save_artifact(emb, cache)
     return emb, False
@@ -207,7 +172,11 @@ class EmbedStage:
     ) -> None:
         if torch_threads:
             torch.set_num_threads(torch_threads)
-        self.model = load_model(**model_cfg)
+        import ray
+
+        from pipelines.encode import load_gpu_checked_model
+
+        self.model = load_gpu_checked_model(model_cfg, ray.get_gpu_ids() if ray.is_initialized() else [])
         self.presets = list(presets)
         self.encoder = ViewEncoder(self.model, view_batch_size=view_batch_size, seed=seed, pgs_keep=pgs_keep,
                                    pgs_whole_image=pgs_whole_image)
@@ -283,7 +252,10 @@ class EmbedStage:
             columns[f"{p}_n_views"] = pa.array(cols["n"], pa.int32())
             columns[f"{p}_view_emb"] = _float_lists(cols["views"])
             columns[f"{p}_view_kept"] = pa.array(cols["kept"], pa.list_(pa.bool_()))
-        return pa.table(columns, schema=FLAT_SCHEMA)
+        table = pa.table(columns, schema=FLAT_SCHEMA)
+        if "shard" in batch:  # the output shard travels with its rows
+            table = table.append_column("shard", pa.array([str(x) for x in batch["shard"]], pa.string()))
+        return table
 
 
 def _float_lists(rows: list[np.ndarray | None]) -> pa.ListArray:
@@ -296,52 +268,37 @@ def _float_lists(rows: list[np.ndarray | None]) -> pa.ListArray:
     return pa.ListArray.from_arrays(offsets, values, type=pa.list_(pa.float32()), mask=mask)
 
 
-def embed_dataset(config: LabelConfig, todo: pa.Table, *, presets: dict[str, ViewPreset], model_cfg: dict) -> Any:
-    """Ray Data plan: read → decode + every preset's views → :class:`EmbedStage` (sized like ``bifta label``)."""
-    import ray
-    from ray.data import ActorPoolStrategy, DataContext
+def eval_stages(config: LabelConfig, res, *, presets: dict[str, ViewPreset], model_cfg: dict, out: str) -> list:
+    """The evaluation plan: the labelling plan's stages with :class:`EvalViewStage` and :class:`EmbedStage`
+    in place of the views and encode stages (the same builder, resources and writers)."""
+    from pipelines.inputs import shards_stage
+    from pipelines.pipeline import encode_stage
+    from pipelines.read import read_stage
+    from pipelines.views import views_stage
 
-    from pipelines.pipeline import worker_env
-
-    ctx = DataContext.get_current()
-    ctx.execution_options.preserve_order = True
-    resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    cpus = max(1, int(resources.get("CPU", 1)))
-    n = todo.num_rows
-    chunk = max(config.batch_size * 2, math.ceil(n / 5000))
-    ds = ray.data.from_arrow([todo.slice(i, chunk) for i in range(0, n, chunk)])
     preprocess = model_preprocess(config.model.model, config.model.pretrained)
-    encoders = (config.num_encoders or max(1, gpus)) if gpus else (config.num_encoders or 1)
-    enc_resources: dict[str, Any] = dict(num_gpus=1, num_cpus=1) if gpus else dict(num_cpus=1)
-    threads = None if gpus else max(1, (os.cpu_count() or 1) // encoders)
-    view_workers = max(1, cpus - encoders)
-    remote = worker_env(config)  # S3 settings reach every worker, as in bifta label
-    ds = ds.map_batches(read_batch, batch_size=config.batch_size, batch_format="numpy", num_cpus=0.25, **remote)
-    ds = ds.map_batches(
-        EvalViewStage,
-        fn_constructor_kwargs=dict(image_size=preprocess["size"], seed=config.seed, max_pixels=config.max_pixels,
-                                   presets={k: dataclasses.asdict(v) for k, v in presets.items()},
-                                   resize_mode=preprocess["resize_mode"]),
-        batch_size=config.batch_size,
-        batch_format="numpy",
-        compute=ActorPoolStrategy(min_size=1, max_size=view_workers),
-        num_cpus=0.5,
-        **remote,
-    )
-    ds = ds.map_batches(
-        EmbedStage,
-        fn_constructor_kwargs=dict(
-            model_cfg=model_cfg, presets=list(presets), view_batch_size=config.view_batch_size, seed=config.seed,
-            pgs_keep=config.pgs_keep, pgs_whole_image=config.pgs_whole_image, torch_threads=threads,
-        ),
-        batch_size=config.batch_size,
-        batch_format="numpy",
-        compute=ActorPoolStrategy(size=encoders),
-        **enc_resources,
-        **remote,
-    )
-    return ds
+    return [
+        shards_stage(out, True),
+        read_stage(config.batch_size),
+        views_stage(batch_size=config.batch_size, max_actors=res.decoders, use_gpu=res.use_gpu,
+                    stage_class=EvalViewStage, image_size=preprocess["size"], seed=config.seed,
+                    max_pixels=config.max_pixels, presets={k: dataclasses.asdict(v) for k, v in presets.items()},
+                    resize_mode=preprocess["resize_mode"]),
+        encode_stage(config, res, dict(model_cfg=model_cfg, presets=list(presets),
+                                       view_batch_size=config.view_batch_size, seed=config.seed,
+                                       pgs_keep=config.pgs_keep, pgs_whole_image=config.pgs_whole_image),
+                     cls=EmbedStage, name="embed"),
+    ]
+
+
+def model_embed_dim(model_name: str) -> int | None:
+    """The joint embedding width of an architecture from its open_clip config (no weights built)."""
+    import open_clip
+
+    from bifta_core.models import register_bundled_configs
+
+    register_bundled_configs()
+    return (open_clip.get_model_config(model_name.replace("/", "-")) or {}).get("embed_dim")
 
 
 def embeddings_meta(config: LabelConfig, presets: dict[str, ViewPreset], embed_dim: int | None = None) -> dict[str, Any]:
@@ -353,7 +310,7 @@ def embeddings_meta(config: LabelConfig, presets: dict[str, ViewPreset], embed_d
         "format": EMBEDDINGS_FORMAT,
         "model": m.model.replace("/", "-"),
         "pretrained": m.pretrained,
-        "model_identity": model_identity(m.model, m.pretrained, m.cache_dir),
+        "model_identity": model_identity(m.model, m.pretrained, m.cache_dir, quick_gelu=m.quick_gelu),
         "embed_dim": embed_dim,
         "views": {name: dataclasses.asdict(p) for name, p in presets.items()},
         "seed": config.seed,

@@ -9,24 +9,40 @@ label set happens here too (``pipelines.score``), so embeddings never leave the 
 from __future__ import annotations
 
 import os
+from typing import Callable
+
 import numpy as np
 import pyarrow as pa
 import torch
 
-from bifta_core.models import ClipModel, load_model
+from bifta_core.models import ClipModel, actor_device, check_gpu_assignment, load_model
 from bifta_core.predict import ScoreParams
 from bifta_core.seeding import generator_for
 from bifta_core.text_banks import LabelSetEmbeddings
 from pipelines.score import ROW_COLUMNS, RowContext, Scorer, build_rows
-from pipelines.views import cut_crops
+from bifta_core.views import cut_planned, pinned_empty, plan_views, to_device
 
 
-def _pixels(blob: bytes, shape: tuple[int, ...]) -> torch.Tensor:
-    return torch.from_numpy(np.frombuffer(blob, dtype=np.uint8).reshape(shape).copy())
+def _host_batch(blobs: list[bytes], device: torch.device) -> tuple[torch.Tensor, list[int]]:
+    """All ``blobs`` in one host uint8 buffer (pinned when bound for CUDA) → (buffer on ``device``,
+    offsets): a batch's pixels cross to the device in one copy that overlaps queued work."""
+    offsets = np.cumsum([0] + [len(b) for b in blobs]).tolist()
+    host = pinned_empty(int(offsets[-1]), torch.uint8, device)
+    flat = host.numpy()
+    for blob, start in zip(blobs, offsets):
+        flat[start : start + len(blob)] = np.frombuffer(blob, dtype=np.uint8)
+    return to_device(host, device), offsets
 
 
 class ViewEncoder:
-    """Turns decoded batches into whole-image and per-view embeddings (pure torch, no Ray)."""
+    """Turns decoded batches into whole-image and per-view embeddings (pure torch, no Ray).
+
+    Per batch, host-device traffic is a constant number of copies whatever the number of images
+    and views: one pinned upload of all pixels, one of the CLIP-PGS noise (when on), one gather
+    index that regroups embeddings per image. Views stay uint8 until their ``view_batch_size``
+    chunk is cut, normalised and encoded, so float memory is bounded by the chunk, not by
+    images × views (see docs/scaling.md, "GPU memory").
+    """
 
     def __init__(self, model: ClipModel, *, view_batch_size: int, seed: int, pgs_keep: float | None,
                  pgs_whole_image: bool) -> None:
@@ -36,43 +52,53 @@ class ViewEncoder:
         self.pgs_keep = pgs_keep if pgs_keep is not None and pgs_keep < 1.0 else None
         self.pgs_whole_image = pgs_whole_image
         if self.pgs_keep is not None:
-            from bifta_core.pgs import PgsConfig, patch_size_of, supports_pgs
+            from bifta_core.pgs import PgsConfig, grid_size_of, patch_size_of, supports_pgs
             from bifta_core.errors import ConfigError
 
             if not supports_pgs(model.model):
                 raise ConfigError(f"--pgs-keep needs a ViT image tower; {model.model_name} is not supported")
             self._pgs_config = PgsConfig(keep_ratio=self.pgs_keep)
             self._patch = patch_size_of(model.model)
+            gh, gw = grid_size_of(model.model)
+            self._num_patches = int(gh * gw)
 
-    def _keep_idx(self, pixels: torch.Tensor, image_ids: list[str], counts: list[int]) -> torch.Tensor | None:
-        """CLIP-PGS token selection per image, seeded from (seed, image id) so batching never changes it."""
+    def _pgs_noise(self, image_ids: list[str], counts: list[int], order: np.ndarray | None = None
+                   ) -> torch.Tensor | None:
+        """CLIP-PGS selection noise of every view, seeded from (seed, image id) so batching never
+        changes it; drawn on the host, reordered like the views, uploaded once."""
         if self.pgs_keep is None:
             return None
-        from bifta_core.pgs import select_patches
+        from bifta_core.pgs import selection_noise
 
-        parts, start = [], 0
-        for image_id, n in zip(image_ids, counts):
-            chunk = pixels[start : start + n]
-            start += n
-            if n:
-                g = generator_for(self.seed, f"{image_id}:pgs")
-                parts.append(select_patches(chunk, self.model.mean, self.model.std, self._patch,
-                                            self._pgs_config, g))
-        return torch.cat(parts)
+        parts = [selection_noise(n, self._num_patches, generator_for(self.seed, f"{image_id}:pgs"))
+                 for image_id, n in zip(image_ids, counts) if n]
+        noise = torch.cat(parts, dim=1) if parts else torch.empty(2, 0, self._num_patches)
+        if order is not None:
+            noise = noise[:, torch.from_numpy(order)]
+        return to_device(noise.contiguous(), self.model.device)
 
-    def _encode_chunks(self, pixels: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    def _encode_chunks(self, chunk: Callable[[int, int], torch.Tensor], total: int,
+                       noise: torch.Tensor | None) -> torch.Tensor:
+        """Encode ``chunk(a, b)`` (uint8 ``[b-a,3,S,S]`` on the device) for every chunk of ``total``."""
         out = []
-        for s in range(0, pixels.shape[0], self.view_batch_size):
-            k = None if keep is None else keep[s : s + self.view_batch_size]
-            out.append(self.model.encode_images(pixels[s : s + self.view_batch_size], k))
+        for a in range(0, total, self.view_batch_size):
+            b = min(total, a + self.view_batch_size)
+            x = self.model.normalize_pixels(chunk(a, b))  # float only for this chunk
+            keep = None
+            if noise is not None:
+                from bifta_core.pgs import select_patches
+
+                keep = select_patches(x, self.model.mean, self.model.std, self._patch, self._pgs_config,
+                                      noise=noise[:, a:b])
+            out.append(self.model.encode_images(x, keep, check_keep=False))
         return torch.cat(out) if out else torch.empty(0, self.model.embed_dim, device=self.model.device)
 
     def encode_whole(self, whole: list[bytes], image_ids: list[str]) -> torch.Tensor:
         s = self.model.image_size
-        pix = torch.stack([_pixels(b, (3, s, s)) for b in whole])
-        pix = self.model.normalize_pixels(pix)
-        keep = self._keep_idx(pix, image_ids, [1] * len(whole)) if self.pgs_whole_image else None
-        return self._encode_chunks(pix, keep)
+        buf, _ = _host_batch(whole, self.model.device)
+        pix = buf.view(len(whole), 3, s, s)
+        noise = self._pgs_noise(image_ids, [1] * len(whole)) if self.pgs_whole_image else None
+        return self._encode_chunks(lambda a, b: pix[a:b], len(whole), noise)
 
     def encode_views(
         self, work: list[bytes], work_hw: list[tuple[int, int]], boxes: list[bytes], image_ids: list[str],
@@ -81,29 +107,30 @@ class ViewEncoder:
         """→ ``view_emb [B,Vmax,D]`` and ``view_mask [B,Vmax]`` (ragged views per image).
 
         Each image arrives either as its working image plus boxes (crops cut here, on the encoder's
-        device) or, when that is smaller, as crops already cut by the views stage.
+        device) or, when that is smaller, as crops already cut by the views stage. Views are cut and
+        encoded in side-sorted order (:func:`bifta_core.views.plan_views`), chunk by chunk, and one
+        gather puts the embeddings back per image.
         """
         size = self.model.image_size
         crops = crops or [b""] * len(work)
-        views, counts = [], []
-        for blob, (h, w), box_blob, cut in zip(work, work_hw, boxes, crops):
-            b = np.frombuffer(box_blob, dtype=np.int32).reshape(-1, 4)
+        box_arrays = [np.frombuffer(b, dtype=np.int32).reshape(-1, 4) for b in boxes]
+        blobs = [cut if cut else blob for blob, cut in zip(work, crops)]
+        buf, offsets = _host_batch(blobs, self.model.device)
+        sources, ready = [], []
+        for k, ((h, w), b, cut) in enumerate(zip(work_hw, box_arrays, crops)):
+            part = buf[offsets[k] : offsets[k + 1]]
             if cut:
-                views.append(_pixels(cut, (b.shape[0], 3, size, size)).to(self.model.device))
+                sources.append(part.view(b.shape[0], 3, size, size))
+                ready.append(int(b.shape[0]))
             else:
-                image = _pixels(blob, (int(h), int(w), 3)).to(self.model.device)
-                views.append(cut_crops(image, b, size))
-            counts.append(int(b.shape[0]))
-        flat = self.model.normalize_pixels(torch.cat(views))
-        emb = self._encode_chunks(flat, self._keep_idx(flat, image_ids, counts))
-        vmax = max(counts)
-        view_emb = torch.zeros(len(counts), vmax, emb.shape[1], device=emb.device)
-        mask = torch.zeros(len(counts), vmax, dtype=torch.bool, device=emb.device)
-        start = 0
-        for i, n in enumerate(counts):
-            view_emb[i, :n] = emb[start : start + n]
-            mask[i, :n] = True
-            start += n
+                sources.append(part.view(int(h), int(w), 3).permute(2, 0, 1))
+                ready.append(0)
+        plan = plan_views(box_arrays, [tuple(src.shape) for src in sources], ready)
+        noise = self._pgs_noise(image_ids, list(plan.counts), plan.order)
+        emb = self._encode_chunks(lambda a, b: cut_planned(sources, plan, a, b, size), plan.total, noise)
+        pad = to_device(torch.from_numpy(plan.pad_index()), emb.device)
+        mask = pad >= 0
+        view_emb = torch.where(mask[..., None], emb[pad.clamp(min=0)], 0.0)
         return view_emb, mask
 
 
@@ -133,7 +160,8 @@ class EncodeStage:
         self.schema = schema
         if torch_threads:
             torch.set_num_threads(torch_threads)
-        self.model = load_model(**model_cfg)
+        # get_gpu_ids() would start a Ray instance when called outside one (a plain in-process use).
+        self.model = load_gpu_checked_model(model_cfg, ray.get_gpu_ids() if ray.is_initialized() else [])
         label_sets: list[LabelSetEmbeddings] = [ray.get(r) if isinstance(r, ray.ObjectRef) else r for r in label_set_refs]
         self.label_sets = label_sets
         self.encoder = ViewEncoder(self.model, view_batch_size=view_batch_size, seed=seed, pgs_keep=pgs_keep,
@@ -162,7 +190,26 @@ class EncodeStage:
         if "true_label" in batch:
             meta["true_label"] = list(batch["true_label"])
         # An explicit schema keeps every block identical, even one made only of error rows.
-        return pa.table(build_rows(meta, ok, predictions, self.label_sets, self.ctx), schema=self.schema)
+        table = pa.table(build_rows(meta, ok, predictions, self.label_sets, self.ctx), schema=self.schema)
+        if "shard" in batch:  # the output shard travels with its rows (one row per image and label set)
+            shard = pa.array([str(s) for s in batch["shard"]] * len(self.label_sets), pa.string())
+            table = table.append_column("shard", shard)
+        return table
+
+
+def load_gpu_checked_model(model_cfg: dict, gpu_ids: list) -> ClipModel:
+    """Load the model in a (Ray) worker that was assigned ``gpu_ids``.
+
+    A worker holding a GPU must run on it: unusable CUDA (driver too old for the torch build, no
+    kernels for the GPU) or ``--device cpu`` is one :class:`~bifta_core.errors.ConfigError` line,
+    never a silent CPU fallback; ``--device cuda:N`` maps onto the worker's own GPU.
+    """
+    cfg = dict(model_cfg)
+    if gpu_ids:
+        check_gpu_assignment(gpu_ids, cfg.get("device", "auto"))
+        cfg["device"] = actor_device(cfg.get("device", "auto"), gpu_ids)
+        cfg["require_cuda"] = True
+    return load_model(**cfg)
 
 
 def default_torch_threads() -> int:
@@ -170,4 +217,4 @@ def default_torch_threads() -> int:
     return max(1, os.cpu_count() or 1)
 
 
-__all__ = ["EncodeStage", "ViewEncoder", "ROW_COLUMNS", "default_torch_threads"]
+__all__ = ["EncodeStage", "ViewEncoder", "ROW_COLUMNS", "default_torch_threads", "load_gpu_checked_model"]

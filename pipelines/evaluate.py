@@ -13,8 +13,8 @@ them back from a saved ``embeddings.parquet`` — and streams the embeddings thr
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import functools
 import io
 import json
 import logging
@@ -32,10 +32,10 @@ from bifta_core.config import LabelConfig
 from bifta_core.errors import ConfigError, InputError
 from bifta_core.eval_embeddings import (
     EMBEDDINGS_FILE,
-    embeddings_schema,
-    embeddings_to_batch,
-    flat_to_batch,
+    FLAT_SCHEMA,
+    META_KEY,
     flat_to_embeddings,
+    embeddings_to_batch,
     meta_presets,
     read_meta,
 )
@@ -53,10 +53,15 @@ from bifta_core.evaluation import (
     usable_methods,
 )
 from bifta_core.predict import ScoreParams
+from pipelines.inputs import ListingOptions, build_listing, distinct_true_labels
+from pipelines.plan import is_embedded, plan_resources, run_shards
+from pipelines.write import part_files, read_shard_stats
 
 logger = logging.getLogger("bifta.evaluate")
 
 SUMMARY_FILE = "evaluate_summary.json"
+#: The embeddings' shard files under an evaluation's ``--out`` (kept with ``--save-embeddings``).
+EMBEDDINGS_DIR = "embeddings"
 
 
 @dataclass
@@ -100,17 +105,24 @@ class EvaluateOptions:
 
 
 def embeddings_path(location: str) -> str:
-    """``DIR`` (an earlier ``--out`` with ``--save-embeddings``) or the file itself → the file."""
+    """Where saved embeddings are: ``DIR/embeddings/`` of an earlier ``--out`` with ``--save-embeddings``,
+    that folder itself, or a single ``embeddings.parquet`` (file or ``DIR/embeddings.parquet``) of an
+    older bifta."""
     if location.lower().endswith(".parquet"):
         return location
+    for candidate in (storage.join(location, EMBEDDINGS_DIR), location):
+        if storage.isdir(candidate) and part_files(candidate):
+            return candidate
     return storage.join(location, EMBEDDINGS_FILE)
 
 
 def read_embeddings_meta(location: str) -> dict[str, Any]:
     """The metadata stored with saved embeddings (model, weights, views); :class:`InputError` if absent."""
     path = embeddings_path(location)
-    if not storage.exists(path):
-        raise InputError(f"no embeddings at {path} (write them with bifta evaluate --save-embeddings)")
+    if not path.lower().endswith(".parquet"):
+        path = sorted(part_files(path))[0]
+    elif not storage.exists(path):
+        raise InputError(f"no embeddings at {location} (write them with bifta evaluate --save-embeddings)")
     with storage.open_input(path) as fh:
         try:
             schema = pq.read_schema(fh)
@@ -135,9 +147,11 @@ def run_evaluation(
     config: LabelConfig, options: EvaluateOptions, *, on_progress: Callable[[dict], None] | None = None
 ) -> dict[str, Any]:
     """Evaluate every method on the labelled inputs of ``config``; returns the written summary."""
+    import ray
+
     from bifta_core.models import is_vit_architecture
-    from pipelines.embed import load_eval_label_set, prepare_eval_label_set
-    from pipelines.pipeline import model_config
+    from pipelines.embed import load_eval_label_set, model_embed_dim, prepare_eval_label_set
+    from pipelines.pipeline import _remote, ensure_ray, model_config
 
     options.validate()
     config.validate()
@@ -165,8 +179,14 @@ def run_evaluation(
     storage.check_writable(options.out)
     specs = bank_specs_for(methods, config.desc_threshold, config.desc_top_k)
     mcfg = model_config(config)
+    res = None
+    if stored_meta is None:  # re-scoring saved embeddings starts Ray only to encode uncached text
+        ensure_ray()
+        res = plan_resources(config, ray.cluster_resources(), embedded=is_embedded())
+    env = storage.s3_env(config.s3_endpoint_url, config.s3_region, config.s3_anon)
     ls_started = time.time()
-    emb, cache_hit = prepare_eval_label_set(config, label_set, specs, mcfg)
+    emb, cache_hit = prepare_eval_label_set(config, label_set, specs, mcfg, num_gpus=1 if res and res.use_gpu else 0,
+                                            remote=_remote(env, gpu=bool(res and res.use_gpu)))
     label_set_seconds = time.time() - ls_started
     params = ScoreParams(image_scale=config.image_scale, text_scale=config.text_scale, aggregation=config.aggregation)
     acc = EvaluationAccumulator(methods, emb.classes, params=params, protocol=protocol, logit_scale=options.logit_scale)
@@ -177,36 +197,40 @@ def run_evaluation(
     if options.from_embeddings:
         source = embeddings_path(options.from_embeddings)
         views_used = {p: stored_meta["views"][p] for p in preset_names}
-        for batch, n in _stored_batches(source, label_set, preset_names):
-            inputs_n += n
-            _feed(acc, batch, emb, options.score_chunk)
     else:
-        from pipelines.embed import embeddings_meta, list_eval_inputs, view_presets
+        from pipelines.embed import embeddings_meta, eval_stages, view_presets
 
         source = "encoded in this run"
         presets = view_presets(config, preset_names)
         views_used = {p: dataclasses.asdict(v) for p, v in presets.items()}
-        inputs = list_eval_inputs(config.input, options.label_column, config.limit)
-        inputs_n = inputs.num_rows
-        truth = dict(zip(inputs.column("image_id").to_pylist(),
-                         map_labels(inputs.column("true_label").to_pylist(), label_set.classes,
-                                    label_set.synonyms, label_set.name)))
-        save_meta = embeddings_meta(config, presets) if options.save_embeddings else None
-        with _EmbeddingSink(options.out if options.save_embeddings else None, save_meta, preset_names) as sink:
-            for table in _encoded_tables(config, inputs, presets, mcfg):
-                ok = table.filter(pa.compute.equal(table.column("status"), "ok"))
-                for reason in table.filter(pa.compute.equal(table.column("status"), "error")).column("error").to_pylist():
-                    key = str(reason or "unknown error").split(":")[0]
-                    errors[key] = errors.get(key, 0) + 1
-                if ok.num_rows:
-                    dim = len(ok.column("image_emb")[0])
-                    ids = [str(i) for i in ok.column("image_id").to_pylist()]
-                    _feed(acc, flat_to_batch(ok, [truth[i] for i in ids], dim, preset_names), emb,
-                          options.score_chunk)
-                    sink.add(ok, dim)
-                if on_progress:
-                    on_progress({"done": acc.num_images + sum(errors.values()), "total": inputs_n,
-                                 "errors": sum(errors.values()), "elapsed_s": time.time() - encode_started})
+        emb_dir = storage.join(options.out, EMBEDDINGS_DIR)
+        storage.remove(emb_dir, recursive=True)  # an evaluation is encoded whole, never resumed
+        listing = build_listing(config.input, emb_dir, ListingOptions(
+            shard_size=config.shard_size, label_column=options.label_column, require_labels=True),
+            limit=config.limit, remote=_remote(env, gpu=False))
+        inputs_n = listing.images
+        # Unknown ground-truth labels are a user error: found before any image is encoded.
+        sources = sorted({int(s.split("-")[0]) for s, _ in listing.shards})
+        labels = ray.get(ray.remote(distinct_true_labels).options(**_remote(env, gpu=False)).remote(emb_dir, sources))
+        map_labels(labels, label_set.classes, label_set.synonyms, label_set.name)
+        meta = embeddings_meta(config, presets, model_embed_dim(config.model.model))
+        stages = eval_stages(config, res, presets=presets, model_cfg=mcfg, out=emb_dir)
+        dim = model_embed_dim(config.model.model)
+        meta = embeddings_meta(config, presets, dim)
+        stages = eval_stages(config, res, presets=presets, model_cfg=mcfg, out=emb_dir)
+        run_shards(emb_dir, listing.shards, stages, writers=res.writers, schema=FLAT_SCHEMA, env=env,
+                   file_metadata={META_KEY.decode(): json.dumps(meta)}, on_progress=on_progress, total=inputs_n,
+                   finalize=functools.partial(flat_to_embeddings, dim=dim, presets=preset_names))
+        source_dir = emb_dir
+    for batch, n, errs in _stored_batches(source if options.from_embeddings else source_dir, label_set, preset_names):
+        if options.from_embeddings:
+            inputs_n += n
+        for key, count in errs.items():
+            errors[key] = errors.get(key, 0) + count
+        if batch is not None:
+            _feed(acc, batch, emb, options.score_chunk)
+    if not options.from_embeddings and not options.save_embeddings:
+        storage.remove(source_dir, recursive=True)
     encode_seconds = time.time() - encode_started
     if acc.num_images == 0:
         raise InputError(f"no image could be evaluated ({sum(errors.values())} errors: {errors})")
@@ -255,7 +279,7 @@ def run_evaluation(
         "protocol": context["protocol"],
         "score_params": dataclasses.asdict(params),
         "from_embeddings": options.from_embeddings,
-        "embeddings_saved": storage.join(out, EMBEDDINGS_FILE) if options.save_embeddings else None,
+        "embeddings_saved": storage.join(out, EMBEDDINGS_DIR) if options.save_embeddings else None,
         "encode_seconds": round(encode_seconds, 3),
         "total_seconds": round(time.time() - started, 3),
         "metrics": metrics.select("method", "top1", "top5", "n").to_dicts(),
@@ -286,27 +310,29 @@ def _views_text(views: dict[str, dict] | None) -> str | None:
     return "; ".join(parts)
 
 
-def _encoded_tables(config: LabelConfig, inputs: pa.Table, presets: dict, mcfg: dict) -> Iterator[pa.Table]:
-    """Run the Ray Data encoding pass; yields the encode actors' output blocks on the driver."""
-    from pipelines.embed import embed_dataset
-    from pipelines.pipeline import _unwrap, ensure_ray
+def _stored_batches(location: str, label_set,
+                    presets: list[str]) -> Iterator[tuple[ImageBatch | None, int, dict[str, int]]]:
+    """Read saved embeddings → (ok images with labels mapped to ``label_set`` or None, rows, error reasons).
 
-    ensure_ray()
-    ds = embed_dataset(config, inputs, presets=presets, model_cfg=mcfg)
-    try:
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            yield batch
-    except Exception as exc:  # a user error raised in an actor comes back wrapped by Ray
-        real = _unwrap(exc)
-        if real is not exc:
-            raise real from None
-        raise
+    ``location`` is a folder of shard files written by the evaluation's writers (ok rows, their error
+    rows counted in each file's footer) or a single ``embeddings.parquet`` of an older bifta. Only the
+    columns of ``presets`` (those the scored rows need) are read."""
+    if location.lower().endswith(".parquet"):
+        yield from _stored_file_batches(location, label_set, presets)
+        return
+    for path in sorted(part_files(location)):
+        errors = read_shard_stats(path).get("error_reasons", {})
+        first = True
+        for batch, n, _ in _stored_file_batches(path, label_set, presets):
+            # a shard's error rows are not stored, only counted in its footer
+            yield batch, n + (sum(errors.values()) if first else 0), errors if first else {}
+            first = False
+        if first and errors:
+            yield None, sum(errors.values()), errors
 
 
-def _stored_batches(path: str, label_set, presets: list[str]) -> Iterator[tuple[ImageBatch, int]]:
-    """Read saved embeddings in row groups → (batch, rows) with labels mapped to ``label_set``.
-
-    Only the columns of ``presets`` (those the scored rows need) are read."""
+def _stored_file_batches(path: str, label_set, presets: list[str]) -> Iterator[tuple[ImageBatch, int, dict[str, int]]]:
+    """Row groups of one stored embeddings file (a shard's, or an earlier bifta's ``embeddings.parquet``)."""
     with storage.open_input(path) as fh:
         pf = pq.ParquetFile(fh)
         read_meta(pf.schema_arrow, path)
@@ -315,35 +341,4 @@ def _stored_batches(path: str, label_set, presets: list[str]) -> Iterator[tuple[
         for rb in pf.iter_batches(batch_size=256, columns=columns):
             labels = rb.column("true_label").to_pylist()
             idx = map_labels(labels, label_set.classes, label_set.synonyms, label_set.name)
-            yield embeddings_to_batch(rb, idx, presets), rb.num_rows
-
-
-class _EmbeddingSink:
-    """Streams ``embeddings.parquet`` while the encoding pass runs (no-op when ``out`` is None)."""
-
-    def __init__(self, out: str | None, meta: dict[str, Any] | None, presets: list[str]) -> None:
-        self.out = out
-        self.meta = meta
-        self.presets = presets
-        self._stack = contextlib.ExitStack()
-        self._writer: pq.ParquetWriter | None = None
-
-    def __enter__(self) -> "_EmbeddingSink":
-        return self
-
-    def add(self, ok_rows: pa.Table, dim: int) -> None:
-        if self.out is None:
-            return
-        table = flat_to_embeddings(ok_rows, dim, self.presets)
-        if self._writer is None:
-            meta = dict(self.meta or {}, embed_dim=dim)
-            fh = self._stack.enter_context(storage.open_output(storage.join(self.out, EMBEDDINGS_FILE)))
-            self._writer = pq.ParquetWriter(fh, embeddings_schema(dim, self.presets, meta), compression="zstd")
-        self._writer.write_table(table.cast(self._writer.schema))
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        try:
-            if self._writer is not None:
-                self._writer.close()
-        finally:
-            self._stack.__exit__(exc_type, exc, tb)
+            yield embeddings_to_batch(rb, idx, presets), rb.num_rows, {}

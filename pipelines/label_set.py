@@ -19,7 +19,7 @@ from bifta_core.config import LabelConfig
 from bifta_core.errors import LabelSetError
 from bifta_core.labelset_artifact import load_artifact, save_artifact
 from bifta_core.labelsets import METHOD_FILES, LabelSet, load_label_set
-from bifta_core.models import load_model, model_identity
+from bifta_core.models import model_identity, text_precision
 from bifta_core.text_banks import BankSpec, LabelSetEmbeddings, build_label_set_embeddings, content_hash
 
 logger = logging.getLogger("bifta.label_set")
@@ -49,9 +49,24 @@ def _cache_path(config: LabelConfig, digest: str) -> str | None:
     return os.path.join(config.labelset_cache or default_cache_dir(), f"{digest}.parquet")
 
 
+def text_model_config(model_cfg: dict) -> dict:
+    """The model settings of the label-set text encode: the run's, at :func:`text_precision`
+    (``auto`` → fp32), which is also what the cache key records."""
+    return {**model_cfg, "precision": text_precision(model_cfg.get("precision", "auto"))}
+
+
+def label_set_identity(config: LabelConfig) -> str:
+    """Model part of the label-set cache key: architecture, weights, activation, text precision."""
+    m = config.model
+    return model_identity(m.model, m.pretrained, m.cache_dir, quick_gelu=m.quick_gelu,
+                          precision=text_precision(m.precision))
+
+
 @ray.remote
 def _encode_label_sets(label_sets: list[LabelSet], model_cfg: dict, specs: list[BankSpec], text_scale: float):
-    model = load_model(**model_cfg)
+    from pipelines.encode import load_gpu_checked_model
+
+    model = load_gpu_checked_model(text_model_config(model_cfg), ray.get_gpu_ids())
     return [build_label_set_embeddings(ls, model, specs, text_scale=text_scale) for ls in label_sets]
 
 
@@ -78,10 +93,12 @@ class LabelSetPlan:
     missing: list[tuple[int, LabelSet, str, str | None]] = field(default_factory=list)
 
 
-def plan_label_sets(config: LabelConfig, loaded: list[LabelSet] | None = None) -> LabelSetPlan:
-    """Hash every label set, read artifacts and cache hits; encode nothing yet."""
+def plan_label_sets(config: LabelConfig, loaded: list[LabelSet] | None = None, *,
+                    identity: str | None = None) -> LabelSetPlan:
+    """Hash every label set, read artifacts and cache hits; encode nothing yet. ``identity`` is
+    :func:`label_set_identity` when the caller computed it already (off the driver)."""
     specs = bank_specs(config)
-    identity = model_identity(config.model.model, config.model.pretrained, config.model.cache_dir)
+    identity = identity or label_set_identity(config)
     if loaded is None:
         loaded = load_label_sets(config)
     plan = LabelSetPlan(hashes=[])
@@ -115,7 +132,9 @@ def prepare_label_sets(config: LabelConfig, model_cfg: dict, *, num_gpus: float 
         for _, ls, _, _ in plan.missing:
             logger.info("label set '%s': %d classes, refining and encoding descriptions", ls.name, ls.num_classes)
         task = _encode_label_sets.options(num_gpus=num_gpus, **(remote or {}))
-        built = ray.get(task.remote([m[1] for m in plan.missing], model_cfg, bank_specs(config), config.text_scale))
+        # The activation the cache key was computed with, whatever the caller's model_cfg says.
+        text_cfg = {**model_cfg, "quick_gelu": config.model.quick_gelu}
+        built = ray.get(task.remote([m[1] for m in plan.missing], text_cfg, bank_specs(config), config.text_scale))
         for (i, ls, digest, cache), emb in zip(plan.missing, built):
             emb.content_hash = digest  # the driver's hash names it, whatever node encoded it
             if cache:
@@ -137,6 +156,19 @@ def _artifact(path: str, config: LabelConfig, identity: str, specs: list[BankSpe
             f"label-set artifact {path} was built for {emb.model} ({emb.pretrained}), "
             f"this run uses {arch} ({config.model.pretrained}); rebuild it with `bifta labelset build`"
         )
+    # Artifacts record the model identity they were encoded with (activation included, see
+    # ClipModel.identity); one encoded with another activation must never score this run.
+    built_identity = emb.params.get("model_identity")
+    wanted = identity.rsplit("|", 1)[0]  # label_set_identity minus the text precision
+    if built_identity is not None and built_identity != wanted:
+        raise LabelSetError(
+            f"label-set artifact {path} was encoded with {built_identity}, this run uses {wanted} "
+            f"(the activation differs, see --quick-gelu); rebuild it with `bifta labelset build`"
+        )
+    built_precision = emb.params.get("text_precision")
+    if built_precision is not None and built_precision != identity.rsplit("|", 1)[1]:
+        logger.warning("label-set artifact %s was encoded in %s, this run encodes text in %s",
+                       path, built_precision, identity.rsplit("|", 1)[1])
     built = {BankSpec(**d).key: BankSpec(**d) for d in emb.params.get("specs", [])}
     for spec in specs:
         if spec.key not in emb.banks:

@@ -1,15 +1,18 @@
-"""The labelling workflow: inputs → read → decode+views → encode+score → Parquet.
+"""The labelling workflow: list into shards → read → decode+views → encode+score → shard writers.
 
 ``run_label_job(config)`` is the Python API behind ``bifta label`` / ``python -m jobs.label``. It
 connects to the Ray cluster in ``RAY_ADDRESS`` (what ``ray job submit`` sets) or starts an embedded
-local Ray, resumes from whatever ``config.out`` already holds, and returns the run summary.
+local Ray, lists INPUT once into shards saved under OUT (``pipelines.inputs``), skips the shards
+whose part file is published, runs the others through one Ray Data plan (``pipelines.plan``) whose
+writers publish each shard as one Parquet file (``pipelines.write``), and returns the run summary.
+The driver holds shard names and counts, never a row.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
-import math
 import os
 import time
 from collections import Counter
@@ -20,13 +23,17 @@ import ray
 
 from bifta_core.config import LabelConfig
 from bifta_core.errors import BiftaUserError, ConfigError
-from bifta_core.models import config_fingerprint, is_vit_architecture, model_preprocess
+from bifta_core.models import config_fingerprint, is_vit_architecture, model_preprocess, model_provenance
 from pipelines.encode import EncodeStage
-from pipelines.inputs import list_inputs
+from pipelines.inputs import Listing, ListingOptions, build_listing, normalise_spec, plan_sources, read_listing, shards_stage
 from pipelines.label_set import bank_specs, load_label_sets, plan_label_sets, prepare_label_sets
-from pipelines.read import read_batch
-from pipelines.views import ViewStage
-from pipelines.write import RUN_FILE, SUMMARY_FILE, ResultWriter, completed_ids, output_schema, read_json, write_json
+from pipelines.plan import Resources, Stage, cpu_only_env, is_embedded, plan_resources, run_shards
+from pipelines.read import read_stage
+from pipelines.views import views_stage
+from pipelines.write import (
+    LAYOUT_VERSION, RUN_FILE, SUMMARY_FILE, finished_shards, output_schema, part_files, read_json, shard_of,
+    shards_with_errors, write_json,
+)
 
 logger = logging.getLogger("bifta.pipeline")
 
@@ -56,17 +63,39 @@ def ensure_ray(num_cpus: int | None = None) -> None:
 def model_config(config: LabelConfig) -> dict[str, Any]:
     m = config.model
     return dict(model_name=m.model, pretrained=m.pretrained, device=m.device, precision=m.precision,
-                cache_dir=m.cache_dir)
+                cache_dir=m.cache_dir, quick_gelu=m.quick_gelu)
 
 
-def run_id_for(config: LabelConfig, label_set_hashes: list[str]) -> str:
-    """Deterministic run id over the settings *in force* (presets resolved), so the same rows
-    always carry the same id and a resumed run matches the run it resumes."""
+def model_provenance_of(config: LabelConfig, use_gpu: bool) -> dict[str, Any]:
+    """Model, weights, the activation they run with and the encoders' effective precision."""
+    m = config.model
+    prov = model_provenance(m.model, m.pretrained, precision=m.precision, on_cuda=use_gpu, quick_gelu=m.quick_gelu,
+                            cache_dir=m.cache_dir)
+    return {"model": m.model, "pretrained": m.pretrained, "precision": prov["precision"],
+            "activation": prov["activation"], "weights": prov["weights"]}
+
+
+def model_facts(config: LabelConfig, use_gpu: bool) -> dict[str, Any]:
+    """What the driver needs to know about the model — label-set cache identity, provenance (run id),
+    preprocessing, whether CLIP-PGS applies — computed in a Ray task, where open_clip is imported:
+    open_clip, timm and torchvision (~300 MB) stay out of the driver."""
+    from pipelines.label_set import label_set_identity
+
+    m = config.model
+    return {"label_set_identity": label_set_identity(config), "provenance": model_provenance_of(config, use_gpu),
+            "preprocess": model_preprocess(m.model, m.pretrained), "is_vit": is_vit_architecture(m.model)}
+
+
+def run_id_for(config: LabelConfig, label_set_hashes: list[str], provenance: dict[str, Any] | None = None) -> str:
+    """Deterministic run id over the settings *in force* (presets and precision resolved), so the
+    same rows always carry the same id and a resumed run matches the run it resumes (a resume
+    never mixes fp16 and fp32 rows)."""
     payload = {k: getattr(config, k) for k in _ROW_FIELDS}
     payload.update(
         views=dataclasses.asdict(config.view_preset()) if config.uses_views else None,
         refine_descriptions=config.refines_descriptions if config.method != "clip" else None,
-        model={"model": config.model.model, "pretrained": config.model.pretrained},
+        model={k: (provenance or model_provenance_of(config, False))[k]
+               for k in ("model", "pretrained", "precision", "activation")},
         label_sets=label_set_hashes,
     )
     for key in ("num_views", "max_views", "iou_threshold", "scale"):
@@ -95,24 +124,35 @@ def worker_env(config: LabelConfig) -> dict[str, Any]:
     return {"runtime_env": {"env_vars": env}} if env else {}
 
 
-def _check_encoders(config: LabelConfig, gpus: int, cpus: int) -> None:
-    """More encode actors than the cluster can place would wait forever: refuse up front."""
-    n = config.num_encoders
-    if n is None:
-        return
-    if gpus and n > gpus:
-        raise ConfigError(f"--num-encoders {n} needs {n} GPUs, the cluster has {gpus}")
-    if not gpus and n > max(1, cpus - 1):
-        raise ConfigError(f"--num-encoders {n} needs {n} CPUs plus one for decoding, the cluster has {cpus}")
-
-
-def _check_out(config: LabelConfig, run_id: str) -> None:
+def _check_out(config: LabelConfig, run_id: str | None) -> None:
+    """Refuse an OUT written by the old layout or with other settings, before any work."""
     previous = read_json(config.out, RUN_FILE)
-    if previous and previous.get("run_id") != run_id:
+    if previous is None:
+        stray = [f for f in part_files(config.out) if shard_of(f) is None]
+        if stray:
+            raise ConfigError(f"{config.out} holds part files of an older bifta layout (e.g. {os.path.basename(stray[0])}); "
+                              "label into a new --out")
+        return
+    if previous.get("layout") != LAYOUT_VERSION:
+        raise ConfigError(f"{config.out} was written by an older bifta (output layout {previous.get('layout', 1)}, "
+                          f"this version writes layout {LAYOUT_VERSION}); label into a new --out")
+    if run_id is not None and previous.get("run_id") != run_id:
         raise ConfigError(
             f"{config.out} already holds results of different settings (run {previous.get('run_id')}, "
             f"method {previous.get('config', {}).get('method')}); resume needs the same settings — use a new --out"
         )
+
+
+def _check_listing(listing: Listing | None, config: LabelConfig) -> None:
+    """A saved listing fixes the image set: the same INPUT and --limit, or a new --out."""
+    if listing is None:
+        return
+    spec = normalise_spec(config.input)
+    if listing.input != spec:
+        raise ConfigError(f"{config.out} holds the listing of {listing.input}, not of {spec}; use a new --out")
+    if listing.limit != config.limit:
+        raise ConfigError(f"{config.out} was listed with --limit {listing.limit}, this run asks for {config.limit}; "
+                          "use the same --limit or a new --out")
 
 
 def run_label_job(config: LabelConfig, *, on_progress: Callable[[dict], None] | None = None) -> dict[str, Any]:
@@ -123,15 +163,24 @@ def run_label_job(config: LabelConfig, *, on_progress: Callable[[dict], None] | 
     started = time.time()
     # S3 flags become the standard variables here, and reach every Ray task/actor via runtime_env.
     os.environ.update(storage.s3_env(config.s3_endpoint_url, config.s3_region, config.s3_anon))
-    inputs = list_inputs(config.input, config.limit)
-
-    if config.pgs_keep is not None and not is_vit_architecture(config.model.model):
-        raise ConfigError(f"--pgs-keep needs a ViT image tower; {config.model.model} is not supported by CLIP-PGS")
     storage.check_writable(config.out)
     loaded = load_label_sets(config)  # a bad label set is a one-line error before Ray starts
+    _check_out(config, None)  # an old layout fails before Ray starts
+    listing = read_listing(config.out)
+    _check_listing(listing, config)
+    sources = plan_sources(config.input) if listing is None else None  # a missing INPUT fails before Ray
     ensure_ray()
     try:
-        return _run(config, inputs, started, on_progress, loaded)
+        res = plan_resources(config, ray.cluster_resources(), embedded=is_embedded())
+        env = storage.s3_env(config.s3_endpoint_url, config.s3_region, config.s3_anon)
+        facts = ray.get(ray.remote(model_facts).options(num_cpus=0, **_remote(env, gpu=False))
+                        .remote(config, res.use_gpu))
+        if config.pgs_keep is not None and not facts["is_vit"]:
+            raise ConfigError(f"--pgs-keep needs a ViT image tower; {config.model.model} is not supported by CLIP-PGS")
+        plan = plan_label_sets(config, loaded, identity=facts["label_set_identity"])
+        run_id = run_id_for(config, plan.hashes, facts["provenance"])
+        _check_out(config, run_id)  # other settings fail before any listing or text encoding
+        return _run(config, started, on_progress, plan, run_id, listing, sources, res, facts)
     except Exception as exc:  # user errors raised on workers surface as themselves
         real = _unwrap(exc)
         if real is not exc:
@@ -139,138 +188,99 @@ def run_label_job(config: LabelConfig, *, on_progress: Callable[[dict], None] | 
         raise
 
 
-def _run(config, inputs: pa.Table, started: float, on_progress, loaded=None) -> dict[str, Any]:
-    resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    cpus = max(1, int(resources.get("CPU", 1)))
-    _check_encoders(config, gpus, cpus)
-    mcfg = model_config(config)
-    plan = plan_label_sets(config, loaded)
-    run_id = run_id_for(config, plan.hashes)
-    _check_out(config, run_id)  # before any text is encoded
-    label_sets = prepare_label_sets(config, mcfg, num_gpus=1 if gpus else 0, plan=plan,
-                                    remote=worker_env(config))
-    write_json(config.out, RUN_FILE, {"run_id": run_id, "config": config.to_dict()})
+def _run(config: LabelConfig, started: float, on_progress, plan, run_id: str, listing: Listing | None,
+         sources, res: Resources, facts: dict[str, Any]) -> dict[str, Any]:
+    from bifta_core import storage
 
-    done = completed_ids(config.out)
-    todo = inputs
+    env = storage.s3_env(config.s3_endpoint_url, config.s3_region, config.s3_anon)
+    mcfg = model_config(config)
+    label_sets = prepare_label_sets(config, mcfg, num_gpus=1 if res.use_gpu else 0, plan=plan,
+                                    remote=_remote(env, gpu=res.use_gpu))
+    write_json(config.out, RUN_FILE, {"run_id": run_id, "layout": LAYOUT_VERSION, "config": config.to_dict(),
+                                      "model": facts["provenance"]})
+    if listing is None:
+        listing = build_listing(config.input, config.out, ListingOptions(shard_size=config.shard_size),
+                                limit=config.limit, remote=_remote(env, gpu=False), sources=sources)
+    sizes = dict(listing.shards)
+    done = finished_shards(config.out) & set(sizes)
+    redo = (shards_with_errors(config.out) & done) if config.retry_errors else set()
+    todo = [(s, n) for s, n in listing.shards if s not in done or s in redo]
+    skipped = sum(sizes[s] for s in done - redo)
     if done:
-        mask = pa.array([i not in done for i in inputs.column("image_id").to_pylist()])
-        todo = inputs.filter(mask)
-        logger.info("resuming: %d of %d images already written, %d to go", inputs.num_rows - todo.num_rows,
-                    inputs.num_rows, todo.num_rows)
-    has_truth = "true_label" in inputs.column_names
-    schema = output_schema(has_truth)
-    writer = ResultWriter(config.out, schema, config.shard_size)
-    counts: Counter = Counter()
-    errors: Counter = Counter()
+        logger.info("resuming: %d of %d images already written (%d of %d shards), %d to go%s", skipped,
+                    listing.images, len(done - redo), len(listing.shards), listing.images - skipped,
+                    f"; {len(redo)} shard(s) with error rows redone" if redo else "")
+    schema = output_schema(listing.has_truth)
     encode_started = time.time()
-    first_output: tuple[float, int] | None = None  # (time, images) of the first batch, after start-up
-    if todo.num_rows:
-        ds = _dataset(config, todo, label_sets, run_id, gpus, cpus, mcfg, schema)
-        last_report = 0.0
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            if first_output is None:
-                first_output = (time.time(), len(set(batch.column("image_id").to_pylist())))
-            writer.add(batch)
-            first = batch.filter(pa.compute.equal(batch.column("label_set"), label_sets[0].name))
-            for status, err in zip(first.column("status").to_pylist(), first.column("error").to_pylist()):
-                counts[status] += 1
-                if err:
-                    errors[err.split(":")[0]] += 1
-            now = time.time()
-            if on_progress and (now - last_report > 2.0):
-                last_report = now
-                on_progress({"done": sum(counts.values()), "total": todo.num_rows, "errors": counts["error"],
-                             "elapsed_s": now - encode_started})
-        writer.close()
+    stages = label_stages(config, res, label_sets, run_id, schema, listing.has_truth, facts["preprocess"])
+    totals = run_shards(config.out, todo, stages, writers=res.writers, schema=schema, env=env,
+                        file_metadata={"bifta.run_id": run_id}, on_progress=on_progress,
+                        total=listing.images - skipped)
     finished = time.time()
     elapsed = finished - encode_started
-    processed = sum(counts.values())
-    steady = 0.0
-    if first_output and processed > first_output[1] and finished > first_output[0]:
-        # Throughput after the first batch: excludes actor start-up and model loading.
-        steady = (processed - first_output[1]) / (finished - first_output[0])
+    steady = totals.steady_rate(finished)
     summary = {
         "run_id": run_id,
         "out": config.out,
-        "inputs": inputs.num_rows,
-        "skipped_already_done": inputs.num_rows - todo.num_rows,
-        "processed": processed,
-        "ok": counts["ok"],
-        "errors": counts["error"],
-        "error_reasons": dict(errors.most_common(10)),
+        "layout": LAYOUT_VERSION,
+        "inputs": listing.images,
+        "shards": len(listing.shards),
+        "skipped_already_done": skipped,
+        "processed": totals.images,
+        "ok": totals.ok,
+        "errors": totals.errors,
+        "error_reasons": dict(totals.reasons.most_common(10)),
         "label_sets": {ls.name: {"classes": ls.num_classes, "id": ls.content_hash[:16]} for ls in label_sets},
         "method": config.method,
         "model": config.model.model,
         "pretrained": config.model.pretrained,
         "random_weights": config.model.pretrained == "random",
-        "files_written": len(writer.files),
-        "rows_written": writer.rows_written,
+        "files_written": totals.files,
+        "rows_written": totals.rows,
         "encode_seconds": round(elapsed, 3),
         "total_seconds": round(time.time() - started, 3),
-        "images_per_second": round(processed / elapsed, 3) if processed and elapsed > 0 else 0.0,
+        "images_per_second": round(totals.images / elapsed, 3) if totals.images and elapsed > 0 else 0.0,
         "steady_images_per_second": round(steady, 3),
-        "gpus": gpus,
+        "gpus": res.encoders if res.use_gpu else 0,
+        "plan": {"use_gpu": res.use_gpu, "encoders": res.encoders, "decoders": res.decoders, "writers": res.writers},
     }
     write_json(config.out, SUMMARY_FILE, summary)
     return summary
 
 
-def _dataset(config, todo: pa.Table, label_sets, run_id, gpus, cpus, mcfg, schema):
-    from ray.data import ActorPoolStrategy, DataContext
+def _remote(env: dict[str, str], *, gpu: bool) -> dict[str, Any]:
+    """Remote args carrying the S3 settings; a task that reserves no GPU sees none."""
+    env = dict(env) if gpu else {**env, **cpu_only_env()}
+    return {"runtime_env": {"env_vars": env}} if env else {}
 
-    ctx = DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # deterministic file grouping and names
-    # Ray's memory-issue detector misreads the shared torch import of worker processes as per-task
-    # memory and prints multi-line warnings every 30 s; bifta bounds memory by batch sizes instead.
-    ctx.issue_detectors_config.detectors = []
-    n = todo.num_rows
-    chunk = max(config.batch_size * 2, math.ceil(n / 5000))
-    ds = ray.data.from_arrow([todo.slice(i, chunk) for i in range(0, n, chunk)])
 
-    preprocess = model_preprocess(config.model.model, config.model.pretrained)
-    image_size = preprocess["size"]
+def label_stages(config: LabelConfig, res: Resources, label_sets, run_id: str, schema: pa.Schema,
+                 has_truth: bool, preprocess: dict[str, Any] | None = None) -> list[Stage]:
+    """The labelling plan: shard inputs → read → decode + views → encode + score (then the writers)."""
+    preprocess = preprocess or model_preprocess(config.model.model, config.model.pretrained)
     preset = dataclasses.asdict(config.view_preset()) if config.uses_views else None
-    encoders = config.num_encoders or (gpus if gpus else 1)
-    if gpus:
-        enc_resources = dict(num_gpus=1, num_cpus=1)
-        threads = None
-        view_workers = max(1, cpus - encoders)
-    else:
-        enc_resources = dict(num_cpus=1)
-        threads = max(1, (os.cpu_count() or 1) // encoders)
-        view_workers = max(1, cpus - encoders)
-
-    remote = worker_env(config)
-    ds = ds.map_batches(read_batch, batch_size=config.batch_size, batch_format="numpy", num_cpus=0.25, **remote)
-    ds = ds.map_batches(
-        ViewStage,
-        fn_constructor_kwargs=dict(image_size=image_size, preset=preset, seed=config.seed, max_pixels=config.max_pixels,
-                                   resize_mode=preprocess["resize_mode"]),
-        batch_size=config.batch_size,
-        batch_format="numpy",
-        compute=ActorPoolStrategy(min_size=1, max_size=view_workers),
-        num_cpus=0.5,
-        **remote,
-    )
-    refs = [ray.put(ls) for ls in label_sets]
     specs = bank_specs(config)
-    bank_key = specs[0].key if specs else None
-    ds = ds.map_batches(
-        EncodeStage,
-        fn_constructor_kwargs=dict(
-            model_cfg=mcfg, label_set_refs=refs, method=config.method, bank_key=bank_key,
+    return [
+        shards_stage(config.out, has_truth),
+        read_stage(config.batch_size),
+        views_stage(batch_size=config.batch_size, max_actors=res.decoders, use_gpu=res.use_gpu, image_size=preprocess["size"],
+                    preset=preset, seed=config.seed, max_pixels=config.max_pixels,
+                    resize_mode=preprocess["resize_mode"]),
+        encode_stage(config, res, dict(
+            model_cfg=model_config(config), label_set_refs=[ray.put(ls) for ls in label_sets], method=config.method,
+            bank_key=specs[0].key if specs else None,
             score_params=dict(image_scale=config.image_scale, text_scale=config.text_scale,
                               aggregation=config.aggregation),
             top_k=config.top_k, view_batch_size=config.view_batch_size, seed=config.seed,
             pgs_keep=config.pgs_keep, pgs_whole_image=config.pgs_whole_image, explain=config.explain,
-            run_id=run_id, torch_threads=threads, schema=schema,
-        ),
-        batch_size=config.batch_size,
-        batch_format="numpy",
-        compute=ActorPoolStrategy(size=encoders),
-        **enc_resources,
-        **remote,
-    )
-    return ds
+            run_id=run_id, schema=schema)),
+    ]
+
+
+def encode_stage(config: LabelConfig, res: Resources, constructor_kwargs: dict[str, Any], cls: type = EncodeStage,
+                 name: str = "encode+score") -> Stage:
+    """Encode actors: one GPU each on a GPU plan (a fixed pool: the model loads once per actor), else
+    CPU actors sharing the machine's cores through ``torch_threads``."""
+    return Stage(name, cls, batch_size=config.batch_size, num_cpus=1.0, num_gpus=1.0 if res.use_gpu else 0.0,
+                 actors=(res.encoders, res.encoders), gpu_visible=res.use_gpu,
+                 constructor_kwargs=dict(constructor_kwargs, torch_threads=res.torch_threads))

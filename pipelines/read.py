@@ -53,3 +53,15 @@ def read_batch(batch: dict[str, np.ndarray]) -> pa.Table:
     out["status"] = ["ok" if r[1] is None else "error" for r in results]
     out["error"] = [r[1] for r in results]
     return to_table(out)
+
+
+#: Reads are batched at least this many files to a task: a task launch costs more than a small read.
+MIN_READ_BATCH = 32
+
+
+def read_stage(batch_size: int) -> "Stage":
+    """Reads are I/O bound (a thread pool per batch): a quarter core each."""
+    from pipelines.plan import Stage
+
+    return Stage("read", read_batch, batch_size=max(batch_size, MIN_READ_BATCH), num_cpus=0.25)
+

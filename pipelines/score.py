@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from bifta_core.predict import ScoreParams, explain, method_scores, pooled_image_features, top_k
+from bifta_core.predict import ScoreParams, explain, method_image_vectors, method_text_vectors, scores_from_vectors, top_k
 from bifta_core.text_banks import LabelSetEmbeddings, TextBank
 
 
@@ -46,24 +46,26 @@ class Scorer:
         self.k = k
         self.with_explanations = with_explanations
         self.label_sets = label_sets
-        self.class_emb = [ls.class_emb.to(device) for ls in label_sets]
-        # Banks as loaded (CPU) serve explanations; a copy on the scoring device serves scores.
+        # Banks as loaded (CPU) serve explanations.
         self.cpu_banks: list[TextBank | None] = [ls.banks.get(bank_key) if bank_key else None for ls in label_sets]
-        self.banks: list[TextBank | None] = [
-            None if b is None else dataclasses.replace(b, desc_class=b.desc_class.to(device), desc_emb=b.desc_emb.to(device))
-            for b in self.cpu_banks
-        ]
+        # The text side of every score depends only on the label set: computed here once, on the
+        # scoring device (description weights, class sums), never per batch.
+        self.text_vecs: list[torch.Tensor] = []
+        for ls, bank in zip(label_sets, self.cpu_banks):
+            dev_bank = None if bank is None else dataclasses.replace(
+                bank, desc_class=bank.desc_class.to(device), desc_emb=bank.desc_emb.to(device))
+            self.text_vecs.append(method_text_vectors(method, ls.class_emb.to(device), dev_bank, params))
 
     def predict(
         self, image_emb: torch.Tensor, view_emb: torch.Tensor | None, view_mask: torch.Tensor | None
     ) -> list[dict[str, list]]:
         """Per label set, column lists ``label_index, label, score, topk_*, margin, explanation``."""
         results = []
-        feats = None
-        if self.with_explanations:  # the same pooled features serve every label set
-            feats = pooled_image_features(image_emb, view_emb, view_mask, self.params.image_scale).cpu()
-        for ls, class_emb, bank, cpu_bank in zip(self.label_sets, self.class_emb, self.banks, self.cpu_banks):
-            scores = method_scores(self.method, class_emb, image_emb, bank, view_emb, view_mask, self.params)
+        # The image side (view weights and pooled views) is shared by every label set.
+        image_vec = method_image_vectors(self.method, image_emb, view_emb, view_mask, self.params)
+        feats = image_vec.cpu() if self.with_explanations else None
+        for ls, text_vec, cpu_bank in zip(self.label_sets, self.text_vecs, self.cpu_banks):
+            scores = scores_from_vectors(self.method, image_vec, text_vec, self.params)
             top = top_k(scores, self.k)
             cols: dict[str, list] = {
                 "label_index": top.indices[:, 0].tolist(),

@@ -112,3 +112,15 @@ class ViewStage:
         if self.all_views:
             out["view_kept"] = np.array(kept_masks, dtype=object)
         return to_table(out)
+
+
+
+def views_stage(*, batch_size: int, max_actors: int, use_gpu: bool, stage_class: type = ViewStage,
+                **constructor_kwargs) -> "Stage":
+    """Decode + views actors. On a GPU plan each takes a full core (a single-threaded decode that
+    shares a core only slows down); on a CPU plan the encoder's threads use every core anyway, so
+    decoders take half a core and leave room for it."""
+    from pipelines.plan import Stage
+
+    return Stage("decode+views", stage_class, batch_size=batch_size, num_cpus=1.0 if use_gpu else 0.5,
+                 actors=(1, max_actors), constructor_kwargs=constructor_kwargs)

@@ -1,32 +1,51 @@
-"""Stage 6 — write Parquet (zstd), resumably.
+"""Stage 6 — write each shard's rows as one Parquet file, on workers.
 
-Rows stream back to the driver and are written in files of at most ``shard_size`` images. A file
-is published atomically (temporary name then rename locally; a single PUT on S3), so a file that
-exists is complete: resume reads the ``image_id`` column of the published files and skips those
-images. Files are named by a hash of the image ids they hold, which is deterministic for a given
-input order and never collides between a run and its resumption. All rows of one image (one per
-label set) always land in the same file. Columns are plain Arrow types (no Ray extension types),
-so polars, DuckDB and Spark read the folder directly.
+Output layout (version 2) under OUT:
+
+    part-<shard>.parquet        every row of one shard (all label sets), sorted by image id
+    _bifta_inputs/              the saved listing (``pipelines.inputs``)
+    _bifta_run.json             run id, layout version, settings
+    _bifta_summary.json         counts and timing, aggregated from shard statistics
+
+Rows carry their ``shard``; the last stage of the plan (:func:`route_to_writers`) hands each batch's
+rows to the :class:`ShardWriter` actor that owns the shard (a stable hash of its name), which
+buffers them and, once every input of the shard has arrived, publishes ``part-<shard>.parquet``
+atomically (local: temp file + rename; S3: one PUT). No row passes through the driver. A file that
+exists is complete, so a resumed run lists file *names* and redoes unfinished shards whole: exactly
+one row per (input, label set) wherever a run was killed. Each file's footer holds its shard's
+statistics (``bifta.shard`` key-value metadata), which are also returned to the driver for the
+summary. Columns are plain Arrow types, so polars, DuckDB and Spark read ``OUT/part-*.parquet``
+directly; every other name under OUT starts with ``_``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-from typing import Any
+import re
+import time
+import zlib
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Sequence
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from bifta_core import storage
 
 logger = logging.getLogger("bifta.write")
 
+LAYOUT_VERSION = 2
 PART_PREFIX = "part-"
 RUN_FILE = "_bifta_run.json"
 SUMMARY_FILE = "_bifta_summary.json"
+STATS_KEY = b"bifta.shard"
+SHARD_COLUMN = "shard"
+ROUTE_BATCH_ROWS = 1024
+_PART_RE = re.compile(r"^part-(\d{5}-\d{5})\.parquet$")
 
 _BASE_FIELDS = [
     pa.field("image_id", pa.string(), nullable=False),
@@ -53,41 +72,50 @@ _BASE_FIELDS = [
 
 
 def output_schema(with_true_label: bool) -> pa.Schema:
-    """The output table's schema; ``true_label`` only when the manifest has a ``label`` column."""
+    """The output table's schema; ``true_label`` only when the inputs carry ground truth."""
     fields = list(_BASE_FIELDS)
     if with_true_label:
         fields.append(pa.field("true_label", pa.string()))
     return pa.schema(fields)
 
 
+def part_name(shard: str) -> str:
+    return f"{PART_PREFIX}{shard}.parquet"
+
+
+def shard_of(path: str) -> str | None:
+    """``.../part-00003-00012.parquet`` → ``00003-00012``; None for any other name."""
+    m = _PART_RE.match(os.path.basename(path.rstrip("/")))
+    return m.group(1) if m else None
+
+
 def part_files(out: str) -> list[str]:
-    """Published part files under ``out`` (temporary/hidden files are never listed)."""
+    """Published part files directly under ``out`` (names only: no file is opened)."""
     if not storage.exists(out):
         return []
-    files = storage.list_files(out, {".parquet"})
-    return [f for f in files if os.path.basename(f).startswith(PART_PREFIX)]
+    files, _ = storage.list_dir(out)
+    return [f for f in files if shard_of(f) is not None or (
+        os.path.basename(f).startswith(PART_PREFIX) and f.endswith(".parquet"))]
 
 
-def completed_ids(out: str) -> set[str]:
-    """Image ids already written under ``out`` (what a resumed run skips).
+def finished_shards(out: str) -> set[str]:
+    """Shards whose part file is published (listed by name; hidden temp files never match)."""
+    return {s for s in (shard_of(f) for f in part_files(out)) if s is not None}
 
-    Files are read through the storage layer's retries, so a transient S3 error stops the run
-    (rerun to resume) instead of being mistaken for a damaged file. Only a file that reads but does
-    not parse as Parquet — impossible for files this writer published — is moved aside and redone.
-    """
-    done: set[str] = set()
-    for path in part_files(out):
-        data = storage.read_bytes(path)
-        try:
-            table = pq.read_table(pa.BufferReader(data), columns=["image_id"])
-        except (pa.ArrowInvalid, OSError) as exc:
-            logger.warning("output file %s is not valid Parquet (%s); moved aside, its images are labelled again",
-                           path, str(exc).splitlines()[0])
-            storage.write_bytes_atomic(path + ".corrupt", data)
-            storage.remove(path)
-            continue
-        done.update(table.column("image_id").to_pylist())
-    return done
+
+def read_shard_stats(path: str) -> dict[str, Any]:
+    """The statistics a writer stored in a part file's footer (reads the footer only)."""
+    with storage.open_input(path) as fh:
+        meta = pq.ParquetFile(fh).schema_arrow.metadata or {}
+    return json.loads(meta.get(STATS_KEY, b"{}"))
+
+
+def shards_with_errors(out: str, threads: int = 32) -> set[str]:
+    """Shards whose file holds error rows, from the footers' statistics (``--retry-errors``)."""
+    files = [f for f in part_files(out) if shard_of(f)]
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        stats = list(pool.map(read_shard_stats, files))
+    return {shard_of(f) for f, s in zip(files, stats) if s.get("errors", 0) > 0}  # type: ignore[misc]
 
 
 def read_json(out: str, name: str) -> dict[str, Any] | None:
@@ -103,50 +131,113 @@ def write_json(out: str, name: str, payload: dict[str, Any]) -> str:
     return path
 
 
-class ResultWriter:
-    """Buffers result rows and publishes them as Parquet files of at most ``shard_size`` images."""
+def shard_stats(table: pa.Table, shard: str, seconds: float) -> dict[str, Any]:
+    """Counts of one shard's rows: images, rows, ok/error images and the error reasons."""
+    ids = table.column("image_id")
+    errors = table.filter(pc.equal(table.column("status"), "error"))
+    error_ids: dict[str, str] = dict(zip(errors.column("image_id").to_pylist(), errors.column("error").to_pylist()))
+    images = len(pc.unique(ids))
+    reasons = Counter(str(e or "unknown error").split(":")[0] for e in error_ids.values())
+    return {"shard": shard, "images": images, "rows": table.num_rows, "ok": images - len(error_ids),
+            "errors": len(error_ids), "error_reasons": dict(reasons), "seconds": round(seconds, 3)}
 
-    def __init__(self, out: str, schema: pa.Schema, shard_size: int) -> None:
+
+class ShardWriter:
+    """Buffers the rows of the shards it owns and publishes each one once it is complete.
+
+    ``expected`` maps every shard this writer may receive to its number of inputs; ``finalize`` turns a
+    complete shard into the form that is stored (evaluation keeps its embeddings' own layout). Rows of
+    an image seen before are dropped, so a batch replayed by a retried task never duplicates rows. Pure
+    Python + Arrow: the pipeline runs it as a Ray actor, tests call it directly.
+    """
+
+    def __init__(self, out: str, schema: pa.Schema, expected: dict[str, int], *,
+                 file_metadata: dict[str, str] | None = None,
+                 finalize: Callable[[pa.Table], pa.Table] | None = None) -> None:
         self.out = out
         self.schema = schema
-        self.shard_size = shard_size
-        self._pending: list[pa.Table] = []
-        self._pending_images = 0
-        self.files: list[str] = []
-        self.rows_written = 0
+        self.expected = dict(expected)
+        self.file_metadata = {k.encode(): v.encode() for k, v in (file_metadata or {}).items()}
+        self._tables: dict[str, list[pa.Table]] = {}
+        self._seen: dict[str, set[str]] = {}
+        self._started: dict[str, float] = {}
+        self._sort = [(c, "ascending") for c in ("image_id", "label_set") if c in schema.names]
+        self.finalize = finalize  # the stored form of a complete shard (statistics are taken before it)
 
-    def add(self, columns: dict[str, list] | pa.Table) -> None:
-        """Add the rows of one encoded batch; files close at ``shard_size`` images, never mid-image."""
-        table = columns if isinstance(columns, pa.Table) else pa.table(columns)
-        table = table.select(self.schema.names).cast(self.schema)
-        ids = list(dict.fromkeys(table.column("image_id").to_pylist()))
-        whole_batch = len(ids)
-        while ids:
-            room = self.shard_size - self._pending_images
-            take, ids = ids[:room], ids[room:]
-            if len(take) == whole_batch:
-                part = table
-            else:
-                part = table.filter(pa.compute.is_in(table.column("image_id"), value_set=pa.array(take, pa.string())))
-            self._pending.append(part)
-            self._pending_images += len(take)
-            if self._pending_images >= self.shard_size:
-                self.flush()
+    def add(self, table: pa.Table) -> list[dict[str, Any]]:
+        """Take rows (with a ``shard`` column); → statistics of the shards this call published."""
+        published = []
+        shards = table.column(SHARD_COLUMN)
+        distinct = pc.unique(shards).to_pylist()
+        for shard in distinct:
+            if shard not in self.expected:
+                raise RuntimeError(f"shard {shard} was not planned for this writer")
+            part = table.filter(pc.equal(shards, shard)) if len(distinct) > 1 else table
+            seen = self._seen.setdefault(shard, set())
+            ids = part.column("image_id").to_pylist()
+            fresh = [i not in seen for i in ids]
+            if not all(fresh):
+                part = part.filter(pa.array(fresh))
+            if not part.num_rows:
+                continue
+            seen.update(part.column("image_id").to_pylist())
+            self._started.setdefault(shard, time.time())
+            self._tables.setdefault(shard, []).append(part.drop_columns([SHARD_COLUMN]).select(self.schema.names)
+                                                      .cast(self.schema))
+            if len(seen) >= self.expected[shard]:
+                published.append(self._publish(shard))
+        return published
 
-    def flush(self) -> None:
-        if not self._pending:
-            return
-        table = pa.concat_tables(self._pending)
-        self._pending, self._pending_images = [], 0
-        table = table.sort_by([("image_id", "ascending"), ("label_set", "ascending")])
-        ids = sorted(set(table.column("image_id").to_pylist()))
-        digest = hashlib.sha256("\n".join(ids).encode("utf-8")).hexdigest()[:20]
-        path = storage.join(self.out, f"{PART_PREFIX}{digest}.parquet")
+    def _publish(self, shard: str) -> dict[str, Any]:
+        table = pa.concat_tables(self._tables.pop(shard)).sort_by(self._sort)
+        stats = shard_stats(table, shard, time.time() - self._started.pop(shard))
+        if self.finalize is not None:
+            table = self.finalize(table)
+        meta = {**(table.schema.metadata or {}), **self.file_metadata, STATS_KEY: json.dumps(stats).encode()}
+        table = table.replace_schema_metadata(meta)
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink, compression="zstd")
-        storage.write_bytes_atomic(path, sink.getvalue().to_pybytes())
-        self.files.append(path)
-        self.rows_written += table.num_rows
+        storage.write_bytes_atomic(storage.join(self.out, part_name(shard)), sink.getvalue().to_pybytes())
+        del self._seen[shard]
+        return stats
 
-    def close(self) -> None:
-        self.flush()
+    def open_shards(self) -> dict[str, int]:
+        """Shards with rows buffered but not yet complete → images received (none after a clean run)."""
+        return {s: len(self._seen[s]) for s in self._tables}
+
+
+def writer_for(shard: str, n_writers: int) -> int:
+    """The writer that owns ``shard``: a stable hash, identical on every worker."""
+    return zlib.crc32(shard.encode("utf-8")) % n_writers
+
+
+def route_to_writers(batch: pa.Table, writers: Sequence[Any]) -> pa.Table:
+    """Last stage of a plan: send each shard's rows to its writer actor; → one progress row.
+
+    The row holds the batch's image count and the statistics of any shard that got published, so
+    the driver sees progress and the summary without seeing a result row.
+    """
+    import ray
+
+    shards = batch.column(SHARD_COLUMN)
+    groups: dict[int, list[str]] = {}
+    for shard in pc.unique(shards).to_pylist():
+        groups.setdefault(writer_for(shard, len(writers)), []).append(shard)
+    refs = []
+    for w, owned in groups.items():
+        part = batch if len(groups) == 1 else batch.filter(pc.is_in(shards, pa.array(owned, pa.string())))
+        refs.append(writers[w].add.remote(part))
+    published = [s for r in ray.get(refs) for s in r]
+    return pa.table({"images": pa.array([len(pc.unique(batch.column("image_id")))], pa.int64()),
+                     "published": pa.array([json.dumps(published)], pa.string())})
+
+
+def write_stage(writers: Sequence[Any], shard_size: int) -> "Stage":
+    """The plan's last stage: rows to their shards' writers (light: the writers do the work). Rows are
+    bundled into batches of ``ROUTE_BATCH_ROWS`` (at most a shard's size, so a bundle never holds back
+    the rows that complete a shard) so a stream of small encode batches does not pay a task launch each."""
+    from pipelines.plan import Stage
+
+    return Stage("write", route_to_writers, batch_size=min(ROUTE_BATCH_ROWS, shard_size), num_cpus=0.05,
+                 batch_format="pyarrow",
+                 fn_kwargs={"writers": list(writers)})

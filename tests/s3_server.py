@@ -211,3 +211,81 @@ def s3_server() -> Iterator[S3Server]:
     server.reset()
     with aws_env(server.endpoint) as env:
         yield S3Server(endpoint=server.endpoint, env=dict(env))
+
+
+# ---------------------------------------------------------------------------------------------- faults
+class _FaultProxy:
+    """An HTTP proxy on 127.0.0.1 in front of an S3 server that answers a share of requests with
+    503 SlowDown or 500 InternalError instead of forwarding them (seeded, so a run is repeatable)."""
+
+    def __init__(self, upstream: str, share: float, seed: int) -> None:
+        import http.server
+        import random
+        import threading
+        from urllib.parse import urlsplit
+
+        self.upstream = urlsplit(upstream)
+        self.share = share
+        self.rng = random.Random(seed)
+        self.lock = threading.Lock()
+        self.counts = {"forwarded": 0, "failed": 0}
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:  # quiet
+                pass
+
+            def _handle(self) -> None:
+                import http.client
+
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                with proxy.lock:
+                    fail = proxy.rng.random() < proxy.share
+                    proxy.counts["failed" if fail else "forwarded"] += 1
+                if fail:
+                    code, name = (503, "SlowDown") if proxy.rng.random() < 0.7 else (500, "InternalError")
+                    payload = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{name}</Code>'
+                               f"<Message>injected by the test's fault proxy</Message></Error>").encode()
+                    self.send_response(code)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                    return
+                conn = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=60)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection",)}
+                conn.request(self.command, self.path, body=body, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                self.send_response(resp.status, resp.reason)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> "_FaultProxy":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def fault_proxy(upstream: str, share: float = 0.2, seed: int = 0) -> _FaultProxy:
+    """``with fault_proxy(server.endpoint, 0.2) as proxy:`` point clients at ``proxy.endpoint``."""
+    return _FaultProxy(upstream, share, seed)

@@ -1,4 +1,4 @@
-"""Smoke tests of ``python -m jobs.bench {pgs,pipeline,scaling}`` and their flag checks.
+"""Smoke tests of ``python -m jobs.bench {pgs,pipeline,pgs-train,scaling}`` and their flag checks.
 
 The benchmarks run for real but tiny (``bifta-tiny-vit``, 64-px inputs, a handful of images), so
 their targets may well be missed: exit 1 is as good as 0 here. What is checked is the contract:
@@ -103,6 +103,30 @@ def test_scaling_bench_smoke(tmp_path):
     assert [r["name"] for r in result["runs"]] == ["warm-up", "start-up", "N", "2xN"]
     assert [r["images"] for r in result["runs"]] == [4, 8, 4, 8]
     assert result["targets"]["no_error_rows"]["ok"] is True
+
+
+PGS_TRAIN_KEYS = {"benchmark", "images_per_s_mask_0.0", "images_per_s_mask_0.5", "speedup_mask_0.5",
+                  "kept_tokens_mask_0.0", "kept_tokens_mask_0.5", "target_speedup_mask_0.5", "ok"}
+
+
+def test_pgs_train_bench_smoke():
+    _, result, _ = _bench("pgs-train", *TINY, "--batch-size", "4", "--repeats", "1")
+    assert result["benchmark"] == "pgs-train"
+    assert PGS_TRAIN_KEYS <= set(result)
+    assert result["kept_tokens_mask_0.0"] == 16 and result["kept_tokens_mask_0.5"] == 8  # 4x4 patch grid
+    assert result["speedup_mask_0.5"] == pytest.approx(
+        result["images_per_s_mask_0.5"] / result["images_per_s_mask_0.0"], rel=1e-2)
+
+
+PGS_TRAIN_BAD_FLAGS = [(["--batch-size", "1"], "--batch-size"), (["--repeats", "0"], "--repeats"),
+                       (["--model", "bifta-tiny-rn"], "--model")]
+
+
+@pytest.mark.parametrize("argv,flag", PGS_TRAIN_BAD_FLAGS, ids=[" ".join(a) for a, _ in PGS_TRAIN_BAD_FLAGS])
+def test_pgs_train_bad_flag_is_one_error_line(argv, flag, capsys):
+    assert bench.main(["pgs-train", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and flag in err[0], err
 
 
 # ------------------------------------------------------------------------------- flag checks

@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 
 import polars as pl
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -98,8 +99,16 @@ def _scores_by_method(out: Path, method: str) -> torch.Tensor:
     return torch.tensor(p["true_score"].to_list())
 
 
+def _saved(out: Path) -> pa.Table:
+    """The saved embeddings of an evaluation (``OUT/embeddings/part-*.parquet``) as one table."""
+    files = sorted((out / "embeddings").glob("part-*.parquet"))
+    assert files, f"no embeddings under {out}"
+    tables = [pq.read_table(f) for f in files]
+    return pa.concat_tables(tables).replace_schema_metadata(tables[0].schema.metadata)
+
+
 def _embeddings(out: Path) -> tuple[ImageBatch, list[str]]:
-    table = pq.read_table(out / "embeddings.parquet")
+    table = _saved(out)
     presets = meta_presets(json.loads(table.schema.metadata[b"bifta"]))
     return embeddings_to_batch(table, [0] * table.num_rows, presets), table.column("true_label").to_pylist()
 
@@ -222,7 +231,7 @@ def test_wca_and_bifta_rows_use_their_own_views(evaluated: Path) -> None:
 
 
 def test_embeddings_file_layout(evaluated: Path) -> None:
-    table = pq.read_table(evaluated / "embeddings.parquet")
+    table = _saved(evaluated)
     assert table.num_rows == N_IMAGES
     assert str(table.schema.field("image_emb").type) == "fixed_size_list<element: float>[64]"
     for p in ("wca", "bifta"):
@@ -250,7 +259,7 @@ def test_from_embeddings_reproduces_metrics_without_encoding(evaluated: Path, la
     def no_encoding(*a, **k):
         raise AssertionError("--from-embeddings must not encode images")
 
-    monkeypatch.setattr(ev, "_encoded_tables", no_encoding)
+    monkeypatch.setattr(ev, "run_shards", no_encoding)
     out = work / "rescored"
     rc = main(["--from-embeddings", str(evaluated), "--labels", str(label_set), "--out", str(out),
                "--desc-top-k", "3", "--protocol-runs", "3", "--protocol-views", "3",
@@ -340,9 +349,19 @@ def test_wca_with_the_whole_image_as_only_view_and_uniform_weights_equals_cupl(e
 # -------------------------------------------------------------------------------- inputs
 
 
-def test_folder_input_uses_subfolder_names_as_labels(imagenet_sample: Path, tmp_path: Path) -> None:
-    from pipelines.embed import list_eval_inputs
+def list_eval_inputs(spec: str) -> pa.Table:
+    """The evaluation's listing of ``spec`` (its sources read in this process, no Ray) as one table."""
+    import tempfile
 
+    from pipelines.inputs import ListingOptions, list_source, plan_sources, read_shard_inputs
+
+    out = tempfile.mkdtemp()
+    options = ListingOptions(shard_size=1000, require_labels=True)
+    shards = [s for src in plan_sources(spec) for s, _ in list_source(src, out, options)[0]["shards"]]
+    return pa.concat_tables([read_shard_inputs(out, s) for s in shards])
+
+
+def test_folder_input_uses_subfolder_names_as_labels(imagenet_sample: Path, tmp_path: Path) -> None:
     photos = sorted((imagenet_sample / "images").iterdir())[:3]
     for cls, photo in zip(["tench", "tench", "Electric_Ray"], photos):
         (tmp_path / cls).mkdir(exist_ok=True)
@@ -434,7 +453,7 @@ def test_wca_bifta_and_clip_rows_predict_what_bifta_label_predicts(small_label_s
 
     # The saved views are the label pipeline's boxes: WCA samples 8 at 0.1-0.9 and keeps all of them;
     # BiFTA samples 8 at 0.5-0.9 and keeps those IoU refinement (0.85) keeps, seeded per image.
-    table = pq.read_table(out / "embeddings.parquet")
+    table = _saved(out)
     for image_id, wca_kept, bifta_kept in zip(table.column("image_id").to_pylist(),
                                                table.column("wca_view_kept").to_pylist(),
                                                table.column("bifta_view_kept").to_pylist()):

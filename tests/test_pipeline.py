@@ -465,7 +465,11 @@ def _processes_in_session(sid: int) -> list[int]:
 
 @pytest.mark.slow
 def test_kill_and_resume(reference_run, resume_images: Path, work: Path, tiny_vit_checkpoint: Path) -> None:
-    from pipelines.write import completed_ids
+    from pipelines.write import finished_shards
+
+    def completed_ids(folder: str) -> set[str]:
+        paths = [Path(folder) / f"part-{s}.parquet" for s in finished_shards(folder)]
+        return {i for p in paths for i in pq.read_table(p, columns=["image_id"]).column("image_id").to_pylist()}
 
     expected = sorted_rows(reference_run[2])
     out = work / "out-resume"
@@ -496,9 +500,10 @@ def test_kill_and_resume(reference_run, resume_images: Path, work: Path, tiny_vi
 
     # leftovers of an interrupted write, complete-looking but unpublished: never read as done
     all_ids = pa.table({"image_id": [r["image_id"] for r in expected]})
-    for name in (".tmp-part-leftover.parquet", ".part-leftover.parquet.x1y2.tmp", "part-leftover.parquet.tmp"):
+    shards_before = finished_shards(str(out))
+    for name in (".tmp-part-00000-00005.parquet", ".part-00000-00005.parquet.x1y2.tmp", "part-00000-00005.parquet.tmp"):
         pq.write_table(all_ids, out / name)
-    assert completed_ids(str(out)) == done_before
+    assert finished_shards(str(out)) == shards_before
 
     proc2 = run_cli(args, timeout=300)
     assert proc2.returncode == 0, proc2.stderr[-3000:]

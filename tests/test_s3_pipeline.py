@@ -113,11 +113,11 @@ def test_s3_prefix_to_s3_output_resumes(s3_server: S3Server, s3_data: dict, tmp_
     args = ["s3://bifta-in/images/", "--labels", "s3://bifta-in/labelsets/pets", "--out", out,
             "--pretrained", "s3://bifta-in/models/tiny.pt", *_common(tmp_path)]
 
-    first = _run_cli([*args, "--limit", "4"], env)
+    first = _run_cli([*args, "--shard-size", "2"], env)
     _assert_no_secrets(first, creds)
     assert first.returncode == 0, first.stderr[-4000:]
     table, files = _read_output(out)
-    assert table.num_rows == 4
+    assert table.num_rows == N_IMAGES and len(files) == 3
     assert set(table.column("status").to_pylist()) == {"ok"}
     assert set(table.column("label_set").to_pylist()) == {"pets"}
     assert set(table.column("label").to_pylist()) <= {"cat", "dog", "car"}
@@ -129,23 +129,26 @@ def test_s3_prefix_to_s3_output_resumes(s3_server: S3Server, s3_data: dict, tmp_
     assert len(downloads) == 1 and downloads[0].name.endswith("-tiny.pt"), downloads
     # Remove the object: the resumed run can only succeed from the cached copy.
     s3_server.client().delete_object(Bucket="bifta-in", Key="models/tiny.pt")
+    # An interrupted run: one shard's file never got published. The rerun redoes that shard only.
+    lost = sorted(files)[1]
+    s3_server.client().delete_object(Bucket="bifta-out", Key=lost.removeprefix("s3://bifta-out/"))
 
-    second = _run_cli(args, env)
+    second = _run_cli(args, env)  # the saved listing fixes the shards: no --shard-size needed
     _assert_no_secrets(second, creds)
     assert second.returncode == 0, second.stderr[-4000:]
     table, files = _read_output(out)
-    assert len(files) >= 2  # the first run's file(s) plus the resumed run's
+    assert len(files) == 3
     ids = table.column("image_id").to_pylist()
     assert sorted(ids) == sorted(s3_data["names"])  # exactly one row per input, no duplicates
     assert set(table.column("status").to_pylist()) == {"ok"}
     assert set(table.column("uri").to_pylist()) == set(s3_data["uris"])
     summary = _summary(out)
     assert summary["inputs"] == N_IMAGES and summary["skipped_already_done"] == 4
-    assert summary["processed"] == N_IMAGES - 4
+    assert summary["processed"] == 2
     assert len({p.name for p in (cache / "downloads").iterdir() if not p.name.endswith(".lock")}) == 1
     # No write probes or temporary objects are left behind in the output prefix.
     keys = [o["Key"] for o in s3_server.client().list_objects_v2(Bucket="bifta-out")["Contents"]]
-    assert all(k.rsplit("/", 1)[-1].startswith(("part-", "_bifta_")) for k in keys), keys
+    assert all(k.removeprefix("runs/prefix/").startswith(("part-", "_bifta_")) for k in keys), keys
 
 
 @pytest.mark.slow
@@ -171,6 +174,52 @@ def test_s3_manifest_missing_key_becomes_error_row(s3_server: S3Server, s3_data:
     summary = _summary(out)
     assert summary["ok"] == 2 and summary["errors"] == 1
     assert "errors" in result.stdout  # the summary printed the error count
+
+    # The object shows up later: --retry-errors redoes the shard holding the error row, replacing its
+    # file in one PUT; exactly one row per input remains.
+    s3_server.put(missing, s3_server.client().get_object(Bucket="bifta-in", Key="images/" + s3_data["names"][2])
+                  ["Body"].read())
+    retried = _run_cli(["s3://bifta-in/manifests/run.csv", "--labels", "s3://bifta-in/labelsets/pets",
+                        "--out", out, "--pretrained", "random", "--retry-errors", *_common(tmp_path)], env)
+    assert retried.returncode == 0, retried.stderr[-4000:]
+    table, files = _read_output(out)
+    assert sorted(table.column("uri").to_pylist()) == sorted(rows) and len(files) == 1
+    assert set(table.column("status").to_pylist()) == {"ok"}
+    assert _summary(out)["processed"] == 3
+
+
+@pytest.mark.slow
+def test_s3_error_storm_loses_and_duplicates_nothing(s3_server: S3Server, s3_data: dict, tmp_path: Path) -> None:
+    """A fifth of all S3 requests answered 503 SlowDown / 500 InternalError: retried with backoff where
+    that suffices; what still fails is an error row or a failed run, and reruns (plain, then
+    --retry-errors) finish the job with exactly one ok row per input."""
+    from tests.s3_server import fault_proxy
+
+    creds = _fake_credentials()
+    out = "s3://bifta-out/runs/storm"
+    with fault_proxy(s3_server.endpoint, share=0.2, seed=7) as proxy:
+        env = {**s3_server.env, **creds, "AWS_ENDPOINT_URL": proxy.endpoint,
+               "BIFTA_CACHE_DIR": str(tmp_path / "bifta-cache")}
+        args = ["s3://bifta-in/images/", "--labels", "s3://bifta-in/labelsets/pets", "--out", out,
+                "--pretrained", "random", "--shard-size", "2", *_common(tmp_path)]
+        results: list[tuple[int, int | None]] = []
+        errors = None
+        for _ in range(6):
+            result = _run_cli([*args, *(["--retry-errors"] if errors else [])], env)
+            _assert_no_secrets(result, creds)
+            errors = None
+            if result.returncode == 0:
+                errors = json.loads(s3_server.client().get_object(
+                    Bucket="bifta-out", Key="runs/storm/_bifta_summary.json")["Body"].read())["errors"]
+            results.append((result.returncode, errors))
+            if errors == 0:
+                break
+        assert results[-1] == (0, 0), results
+        assert proxy.counts["failed"] > 10, proxy.counts  # the storm really happened
+    table, files = _read_output(out)
+    assert sorted(table.column("image_id").to_pylist()) == sorted(s3_data["names"]), results
+    assert set(table.column("status").to_pylist()) == {"ok"}, table.column("error").to_pylist()
+    assert len(files) == 3
 
 
 def _assert_fails_fast(result: subprocess.CompletedProcess, elapsed: float, creds: dict[str, str], why: str) -> None:
