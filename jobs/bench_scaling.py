@@ -427,8 +427,6 @@ def write_missing_manifest(path: str, rows: int) -> str:
 
 def run_driver_case(work: str, rows: int, args: argparse.Namespace, labels: str, cache: str) -> DriverFigures:
     """Fresh run until its first part file, then a resume of a mostly-finished OUT to the end."""
-    import pyarrow.parquet as pq  # noqa: F401  (fails early if the environment is broken)
-
     from pipelines.inputs import read_listing
     from pipelines.write import part_name
 

@@ -7,6 +7,8 @@ both alike; images/s is the median round. Target: ≥ 1.6× at 0.5 (the paper re
 image-tower compute at 50 % masking; the text tower and optimiser step are not masked, which caps
 the whole-step gain). Default ViT-B-16 at 224 px, the paper's model: its image tower dominates the
 step, as in the paper; a model whose text tower costs as much as its image tower cannot reach 1.6×.
+Default batch 24: on CPU, a ViT-B layer has a per-call cost that does not shrink with the sequence
+(at batch 8, 50 tokens cost as much as 99), so small batches understate what masking saves.
 """
 
 from __future__ import annotations
@@ -49,8 +51,10 @@ def _images(n: int, size: int, seed: int) -> torch.Tensor:
 def add_pgs_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="ViT-B-16", help="open_clip ViT (default ViT-B-16, the paper's)")
     p.add_argument("--pretrained", default="random", help="weights (random measures speed just as well)")
-    p.add_argument("--batch-size", type=int, default=8, help="images per training step")
-    p.add_argument("--repeats", type=int, default=3, help="timed steps per setting (median)")
+    p.add_argument("--batch-size", type=int, default=24,
+                   help="images per training step (24: on CPU, smaller batches are dominated by per-call "
+                        "overheads that masking does not shrink)")
+    p.add_argument("--repeats", type=int, default=2, help="timed steps per setting (median)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda …")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
     p.add_argument("--seed", type=int, default=0)
@@ -81,26 +85,33 @@ def run_pgs_train(args: argparse.Namespace) -> int:
         trainers[mask] = Trainer(copy.deepcopy(base), cfg, 10_000, mean=cm.mean, std=cm.std, device=device)
         trainers[mask].train_step([(pixels, tokens)])  # warm-up: allocator, kernel choice, optimiser state
     rounds: dict[float, list[float]] = {m: [] for m in PGS_TRAIN_MASKS}
+    cpu_rounds: dict[float, list[float]] = {m: [] for m in PGS_TRAIN_MASKS}
     kept: dict[float, int] = {}
     for _ in range(args.repeats):
         for mask in PGS_TRAIN_MASKS:  # interleaved: drifting machine load hits both settings alike
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             result = trainers[mask].train_step([(pixels, tokens)])  # syncs the GPU before returning
             rounds[mask].append(time.perf_counter() - start)
+            cpu_rounds[mask].append(time.process_time() - cpu_start)
             kept[mask] = result.kept_tokens
 
     ips = {m: args.batch_size / statistics.median(rounds[m]) for m in PGS_TRAIN_MASKS}
     speedup = ips[0.5] / ips[0.0]
+    # CPU seconds of this process: on a shared machine, less disturbed by other processes than the
+    # wall clock (for information; the verdict uses wall-clock throughput)
+    cpu_speedup = statistics.median(cpu_rounds[0.0]) / statistics.median(cpu_rounds[0.5])
     print(f"bench pgs-train: {args.model} ({args.pretrained}), batch {args.batch_size}, {device}, "
           f"precision {trainers[0.5].precision}, {args.repeats} timed steps per setting")
     for m in PGS_TRAIN_MASKS:
         print(f"  mask {m:.1f}: {kept[m]:4d} patch tokens kept, {ips[m]:8.2f} images/s "
               f"(median step {statistics.median(rounds[m]):.3f} s)")
-    print(f"  speed-up at mask 0.5: {speedup:.2f}x (target >= {PGS_TRAIN_TARGET}x)")
+    print(f"  speed-up at mask 0.5: {speedup:.2f}x (target >= {PGS_TRAIN_TARGET}x); "
+          f"in process CPU time {cpu_speedup:.2f}x")
     ok = speedup >= PGS_TRAIN_TARGET
     print(json.dumps({"benchmark": "pgs-train", "model": args.model, "batch_size": args.batch_size,
                       "device": str(device), "images_per_s_mask_0.0": round(ips[0.0], 3),
                       "images_per_s_mask_0.5": round(ips[0.5], 3), "kept_tokens_mask_0.0": kept[0.0],
                       "kept_tokens_mask_0.5": kept[0.5], "speedup_mask_0.5": round(speedup, 4),
+                      "cpu_time_speedup_mask_0.5": round(cpu_speedup, 4),
                       "target_speedup_mask_0.5": PGS_TRAIN_TARGET, "ok": ok}))
     return 0 if ok else 1

@@ -134,7 +134,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"  output        {summary['out']}",
         f"  method        {summary['method']}  model {summary['model']} ({summary['pretrained']})",
         "  label sets    " + ", ".join(f"{k} ({v['classes']} classes)" for k, v in summary["label_sets"].items()),
-        f"  inputs        {summary['inputs']}  (already done {summary['skipped_already_done']})",
+        f"  inputs        {summary['inputs']} in {summary['shards']} shards  "
+        f"(already done {summary['skipped_already_done']})",
         f"  labelled      {summary['ok']} ok, {summary['errors']} errors",
         f"  throughput    {summary['images_per_second']} images/s over {summary['encode_seconds']} s",
         f"  files         {summary['files_written']} written, {summary['rows_written']} rows",

@@ -20,8 +20,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -31,6 +32,9 @@ import pyarrow.parquet as pq
 
 from bifta_core import storage
 from bifta_core.errors import InputError
+
+if TYPE_CHECKING:
+    from pipelines.plan import Stage
 
 logger = logging.getLogger("bifta.inputs")
 
@@ -216,7 +220,35 @@ def _listed(files: list[str], root: str, options: ListingOptions) -> pa.Table:
     return pa.table({"image_id": ids, "uri": files, "true_label": labels}, schema=INPUT_SCHEMA)
 
 
+#: A remote manifest read that fails (a 503 storm outlasting s3fs's own retries) is read again
+#: from the start this many times before it is reported.
+MANIFEST_ATTEMPTS = 4
+
+
 def _manifest_batches(source: Source) -> Iterator[pa.Table]:
+    """The manifest's rows in batches; a remote read that fails midway starts again (the batches
+    already yielded are skipped), so a transient S3 error never truncates a listing."""
+    done = 0
+    for attempt in range(MANIFEST_ATTEMPTS):
+        seen = 0
+        try:
+            for table in _manifest_batches_once(source):
+                seen += table.num_rows
+                if seen <= done:
+                    continue
+                fresh = table.slice(table.num_rows - (seen - done)) if seen - table.num_rows < done else table
+                done = seen
+                yield fresh
+            return
+        except InputError:
+            if not storage.is_remote(source.location) or attempt + 1 == MANIFEST_ATTEMPTS:
+                raise
+            logger.warning("reading manifest %s failed (attempt %d of %d); reading it again",
+                           source.location, attempt + 1, MANIFEST_ATTEMPTS)
+            time.sleep(0.5 * 2 ** attempt)
+
+
+def _manifest_batches_once(source: Source) -> Iterator[pa.Table]:
     path = source.location
     try:
         if path.lower().endswith(".csv"):
@@ -282,6 +314,10 @@ def _source_tables(source: Source, options: ListingOptions) -> Iterator[pa.Table
         for table in _manifest_batches(source):
             yield _manifest_rows(table, source, options)
         return
+    yield from _listed_tables(source, options)
+
+
+def _listed_tables(source: Source, options: ListingOptions) -> Iterator[pa.Table]:
     if source.kind == "files":
         files = list(source.files)
     elif source.kind == "dir":
@@ -359,11 +395,21 @@ def ids_with_hashes(out: str, shards: list[str], wanted: np.ndarray) -> list[str
     return found
 
 
+#: The last source file a worker read: shards arrive in order, so consecutive shards share it.
+_SOURCE_CACHE: dict[str, bytes] = {}
+
+
 def read_shard_inputs(out: str, shard: str, rows: int | None = None) -> pa.Table:
-    """One shard's input rows (the first ``rows`` of them when a ``--limit`` cut the shard)."""
+    """One shard's input rows (the first ``rows`` of them when a ``--limit`` cut the shard).
+
+    The source file is fetched whole through the storage layer's retried GET (a ranged read that
+    meets a 503 is not retried by s3fs) and kept for the next shard of the same source."""
     source, chunk = (int(p) for p in shard.split("-"))
-    with storage.open_input(source_input_path(out, source)) as fh:
-        table = pq.ParquetFile(fh).read_row_group(chunk)
+    path = source_input_path(out, source)
+    if path not in _SOURCE_CACHE:
+        _SOURCE_CACHE.clear()
+        _SOURCE_CACHE[path] = storage.read_bytes(path)
+    table = pq.ParquetFile(pa.BufferReader(_SOURCE_CACHE[path])).read_row_group(chunk)
     return table.slice(0, rows) if rows is not None else table
 
 
@@ -397,7 +443,7 @@ def apply_limit(shards: list[tuple[str, int]], limit: int | None) -> list[tuple[
 
 
 def build_listing(spec: str, out: str, options: ListingOptions, *, limit: int | None = None,
-                  remote: dict | None = None, sources: list[Source] | None = None, progress=None) -> Listing:
+                  remote: dict | None = None, sources: list[Source] | None = None) -> Listing:
     """List ``spec`` into shards under ``out`` with one Ray task per source; check ids; save the index.
 
     Raises :class:`InputError` for an empty listing or duplicate image ids (named, a few of them).
@@ -406,16 +452,21 @@ def build_listing(spec: str, out: str, options: ListingOptions, *, limit: int | 
 
     spec = normalise_spec(spec)
     sources = sources if sources is not None else plan_sources(spec)
+    started = time.time()
+    logger.info("listing %s: %d source(s), one task each", spec, len(sources))
     task = ray.remote(list_source).options(num_cpus=1, num_returns=1 + DUP_BUCKETS, **(remote or {}))
     refs = [task.remote(s, out, options) for s in sources]
     shards: list[tuple[str, int]] = []
     has_truth = options.require_labels
+    last = started
     for i, r in enumerate(refs):
         head = ray.get(r[0])
         shards.extend(head["shards"])
         has_truth = has_truth or head["has_truth"]
-        if progress:
-            progress(f"listed {i + 1}/{len(sources)} sources, {sum(n for _, n in shards)} images")
+        if time.time() - last > 10 or i + 1 == len(refs):
+            last = time.time()
+            logger.info("listed %d/%d sources: %d images in %d shards (%.1fs)", i + 1, len(sources),
+                        sum(n for _, n in shards), len(shards), last - started)
     if not shards:
         raise InputError(f"no images found in {spec} (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
     check = ray.remote(duplicate_hashes).options(num_cpus=0.5, **(remote or {}))
@@ -455,7 +506,7 @@ def read_shards(batch: dict[str, Any], out: str, has_truth: bool) -> pa.Table:
     return pa.concat_tables(tables)
 
 
-def shards_stage(out: str, has_truth: bool) -> "Stage":
+def shards_stage(out: str, has_truth: bool) -> Stage:
     """Reads saved shard inputs on workers, one task at a time, so shards enter the pipeline in order
     and few are open in the writers at once (one task reads ~10^5 rows/s: far ahead of any encoder)."""
     from pipelines.plan import Stage

@@ -11,11 +11,9 @@ The driver holds shard names and counts, never a row.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import time
-from collections import Counter
 from typing import Any, Callable
 
 import pyarrow as pa
@@ -215,7 +213,7 @@ def _run(config: LabelConfig, started: float, on_progress, plan, run_id: str, li
     stages = label_stages(config, res, label_sets, run_id, schema, listing.has_truth, facts["preprocess"])
     totals = run_shards(config.out, todo, stages, writers=res.writers, schema=schema, env=env,
                         file_metadata={"bifta.run_id": run_id}, on_progress=on_progress,
-                        total=listing.images - skipped)
+                        total=listing.images - skipped, rows_per_input=len(label_sets))
     finished = time.time()
     elapsed = finished - encode_started
     steady = totals.steady_rate(finished)

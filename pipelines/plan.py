@@ -28,6 +28,11 @@ from bifta_core.errors import ConfigError
 logger = logging.getLogger("bifta.plan")
 
 
+#: Messages of errors worth retrying a whole stage task for (S3 throttling and 5xx, dropped connections).
+TRANSIENT_ERROR_PATTERNS = ("SlowDown", "ServiceUnavailable", "InternalError", "503", "Connection reset",
+                            "timed out", "EREMOTEIO", "Remote I/O error", "Parquet file size is 0 bytes")
+
+
 @dataclass(frozen=True)
 class Stage:
     """One Ray Data stage. ``actors=(min, max)`` makes it an actor pool (setup once per actor in
@@ -129,6 +134,10 @@ def configure_data_context() -> None:
     # Ray's memory-issue detector misreads the shared torch import of worker processes as per-task
     # memory and prints multi-line warnings every 30 s; bifta bounds memory by batch sizes instead.
     ctx.issue_detectors_config.detectors = []
+    # A stage task that fails on a transient storage error (an S3 503 storm that outlasted the
+    # per-request retries) is retried whole; its batch is simply processed again.
+    ctx.retried_map_errors = list(TRANSIENT_ERROR_PATTERNS)
+    ctx.max_map_retries = 3
 
 
 def build_dataset(ds: Any, stages: Sequence[Stage], *, env: dict[str, str] | None = None) -> Any:
@@ -168,12 +177,12 @@ class ShardTotals:
 
     def __init__(self) -> None:
         self.images = self.ok = self.errors = self.rows = self.files = 0
-        self.routed = 0
+        self.routed = 0.0
         self.reasons: Counter = Counter()
-        self.first: tuple[float, int] | None = None  # (time, images) of the first routed batch
+        self.first: tuple[float, float] | None = None  # (time, images) of the first routed batch
 
     def add_batch(self, batch: Any) -> None:
-        n = sum(batch.column("images").to_pylist())
+        n = float(sum(batch.column("images").to_pylist()))  # fractions when a batch splits an image's rows
         if self.first is None:
             self.first = (time.time(), n)
         self.routed += n
@@ -196,7 +205,7 @@ class ShardTotals:
 def run_shards(out: str, todo: list[tuple[str, int]], stages: Sequence[Stage], *, writers: int, schema: Any,
                env: dict[str, str], file_metadata: dict[str, str] | None = None,
                on_progress: Callable[[dict], None] | None = None, total: int | None = None,
-               finalize: Callable[[Any], Any] | None = None) -> ShardTotals:
+               finalize: Callable[[Any], Any] | None = None, rows_per_input: int = 1) -> ShardTotals:
     """Run ``stages`` over the shards ``todo`` (``[(name, inputs)]``) until each one's file is published.
 
     Each pass gets fresh writer actors; shards a pass leaves incomplete (a writer lost mid-run) are
@@ -209,7 +218,7 @@ def run_shards(out: str, todo: list[tuple[str, int]], stages: Sequence[Stage], *
         if not todo:
             return totals
         left = _run_pass(out, todo, stages, writers, schema, env, file_metadata or {}, totals, on_progress,
-                         total if total is not None else sum(sizes.values()), started, finalize)
+                         total if total is not None else sum(sizes.values()), started, finalize, rows_per_input)
         todo = [(s, sizes[s]) for s in sorted(left)]
         if todo and attempt + 1 < MAX_PASSES:
             logger.warning("%d shard(s) were left incomplete (a worker was lost); pass %d of %d redoes them",
@@ -222,7 +231,7 @@ def run_shards(out: str, todo: list[tuple[str, int]], stages: Sequence[Stage], *
 
 def _run_pass(out: str, todo: list[tuple[str, int]], stages: Sequence[Stage], n_writers: int, schema: Any,
               env: dict[str, str], file_metadata: dict[str, str], totals: ShardTotals, on_progress,
-              total: int, started: float, finalize: Callable[[Any], Any] | None) -> set[str]:
+              total: int, started: float, finalize: Callable[[Any], Any] | None, rows_per_input: int) -> set[str]:
     """One pass with fresh writers → shards left incomplete."""
     import ray
 
@@ -235,19 +244,19 @@ def _run_pass(out: str, todo: list[tuple[str, int]], stages: Sequence[Stage], n_
     actor = ray.remote(ShardWriter).options(num_cpus=0, max_restarts=2, max_task_retries=2,
                                             scheduling_strategy="SPREAD",
                                             runtime_env={"env_vars": {**env, **cpu_only_env()}})
-    writers = [actor.remote(out, schema, owned[w], file_metadata=file_metadata, finalize=finalize)
-               for w in range(n_writers)]
+    writers = [actor.remote(out, schema, owned[w], file_metadata=file_metadata, finalize=finalize,
+                            rows_per_input=rows_per_input) for w in range(n_writers)]
     try:
         configure_data_context()
         items = ray.data.from_items([{"shard": s, "rows": n} for s, n in todo])
-        ds = build_dataset(items, [*stages, write_stage(writers, max(n for _, n in todo))], env=env)
+        ds = build_dataset(items, [*stages, write_stage(writers, max(n for _, n in todo), rows_per_input)], env=env)
         last_report = 0.0
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             totals.add_batch(batch)
             now = time.time()
             if on_progress and now - last_report > 2.0:
                 last_report = now
-                on_progress({"done": totals.routed, "total": total, "errors": totals.errors,
+                on_progress({"done": int(totals.routed), "total": total, "errors": totals.errors,
                              "elapsed_s": now - started})
         left: set[str] = set()
         for pending in ray.get([w.open_shards.remote() for w in writers]):

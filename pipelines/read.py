@@ -7,13 +7,17 @@ a small thread pool because S3 latency, not CPU, bounds this stage.
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-import numpy as np
+from typing import TYPE_CHECKING
 
+import numpy as np
 import pyarrow as pa
 
 from bifta_core import storage
 from bifta_core.errors import StorageError
 from pipelines.columns import to_table
+
+if TYPE_CHECKING:
+    from pipelines.plan import Stage
 
 READ_THREADS = 16
 
@@ -59,7 +63,7 @@ def read_batch(batch: dict[str, np.ndarray]) -> pa.Table:
 MIN_READ_BATCH = 32
 
 
-def read_stage(batch_size: int) -> "Stage":
+def read_stage(batch_size: int) -> Stage:
     """Reads are I/O bound (a thread pool per batch): a quarter core each."""
     from pipelines.plan import Stage
 

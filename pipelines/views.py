@@ -9,6 +9,7 @@ is one, so only the working-resolution image and a few boxes travel through the 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -19,6 +20,9 @@ from bifta_core.seeding import generator_for
 from bifta_core.views import ViewPreset, crop_resize_tensor, refine_boxes, sample_boxes
 from pipelines.columns import to_table
 from pipelines.decode import decode_or_error
+
+if TYPE_CHECKING:
+    from pipelines.plan import Stage
 
 _EMPTY = b""
 
@@ -116,7 +120,7 @@ class ViewStage:
 
 
 def views_stage(*, batch_size: int, max_actors: int, use_gpu: bool, stage_class: type = ViewStage,
-                **constructor_kwargs) -> "Stage":
+                **constructor_kwargs) -> Stage:
     """Decode + views actors. On a GPU plan each takes a full core (a single-threaded decode that
     shares a core only slows down); on a CPU plan the encoder's threads use every core anyway, so
     decoders take half a core and leave room for it."""

@@ -28,13 +28,16 @@ import time
 import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from bifta_core import storage
+
+if TYPE_CHECKING:
+    from pipelines.plan import Stage
 
 logger = logging.getLogger("bifta.write")
 
@@ -145,15 +148,16 @@ def shard_stats(table: pa.Table, shard: str, seconds: float) -> dict[str, Any]:
 class ShardWriter:
     """Buffers the rows of the shards it owns and publishes each one once it is complete.
 
-    ``expected`` maps every shard this writer may receive to its number of inputs; ``finalize`` turns a
-    complete shard into the form that is stored (evaluation keeps its embeddings' own layout). Rows of
-    an image seen before are dropped, so a batch replayed by a retried task never duplicates rows. Pure
+    ``expected`` maps every shard this writer may receive to its number of inputs, each of which has
+    ``rows_per_input`` rows (one per label set, told apart by ``label_set``); ``finalize`` turns a
+    complete shard into the form that is stored (evaluation keeps its embeddings' own layout). A row
+    seen before (same image and label set) is dropped, so a batch replayed by a retried task never duplicates rows. Pure
     Python + Arrow: the pipeline runs it as a Ray actor, tests call it directly.
     """
 
     def __init__(self, out: str, schema: pa.Schema, expected: dict[str, int], *,
                  file_metadata: dict[str, str] | None = None,
-                 finalize: Callable[[pa.Table], pa.Table] | None = None) -> None:
+                 finalize: Callable[[pa.Table], pa.Table] | None = None, rows_per_input: int = 1) -> None:
         self.out = out
         self.schema = schema
         self.expected = dict(expected)
@@ -163,6 +167,7 @@ class ShardWriter:
         self._started: dict[str, float] = {}
         self._sort = [(c, "ascending") for c in ("image_id", "label_set") if c in schema.names]
         self.finalize = finalize  # the stored form of a complete shard (statistics are taken before it)
+        self.rows_per_input = rows_per_input  # one row per label set
 
     def add(self, table: pa.Table) -> list[dict[str, Any]]:
         """Take rows (with a ``shard`` column); → statistics of the shards this call published."""
@@ -174,19 +179,27 @@ class ShardWriter:
                 raise RuntimeError(f"shard {shard} was not planned for this writer")
             part = table.filter(pc.equal(shards, shard)) if len(distinct) > 1 else table
             seen = self._seen.setdefault(shard, set())
-            ids = part.column("image_id").to_pylist()
-            fresh = [i not in seen for i in ids]
+            keys = self._keys(part)
+            fresh = [k not in seen for k in keys]
             if not all(fresh):
                 part = part.filter(pa.array(fresh))
+                keys = [k for k, f in zip(keys, fresh) if f]
             if not part.num_rows:
                 continue
-            seen.update(part.column("image_id").to_pylist())
+            seen.update(keys)
             self._started.setdefault(shard, time.time())
             self._tables.setdefault(shard, []).append(part.drop_columns([SHARD_COLUMN]).select(self.schema.names)
                                                       .cast(self.schema))
-            if len(seen) >= self.expected[shard]:
+            if len(seen) >= self.expected[shard] * self.rows_per_input:
                 published.append(self._publish(shard))
         return published
+
+    def _keys(self, part: pa.Table) -> list[Any]:
+        """One key per row: the image, and its label set when an image has a row per label set."""
+        ids = part.column("image_id").to_pylist()
+        if self.rows_per_input == 1:
+            return ids
+        return list(zip(ids, part.column("label_set").to_pylist()))
 
     def _publish(self, shard: str) -> dict[str, Any]:
         table = pa.concat_tables(self._tables.pop(shard)).sort_by(self._sort)
@@ -202,7 +215,7 @@ class ShardWriter:
         return stats
 
     def open_shards(self) -> dict[str, int]:
-        """Shards with rows buffered but not yet complete → images received (none after a clean run)."""
+        """Shards with rows buffered but not yet complete → rows received (none after a clean run)."""
         return {s: len(self._seen[s]) for s in self._tables}
 
 
@@ -211,10 +224,10 @@ def writer_for(shard: str, n_writers: int) -> int:
     return zlib.crc32(shard.encode("utf-8")) % n_writers
 
 
-def route_to_writers(batch: pa.Table, writers: Sequence[Any]) -> pa.Table:
+def route_to_writers(batch: pa.Table, writers: Sequence[Any], rows_per_input: int = 1) -> pa.Table:
     """Last stage of a plan: send each shard's rows to its writer actor; → one progress row.
 
-    The row holds the batch's image count and the statistics of any shard that got published, so
+    The row holds the batch's image count (rows / rows per image) and the statistics of any shard that got published, so
     the driver sees progress and the summary without seeing a result row.
     """
     import ray
@@ -228,11 +241,11 @@ def route_to_writers(batch: pa.Table, writers: Sequence[Any]) -> pa.Table:
         part = batch if len(groups) == 1 else batch.filter(pc.is_in(shards, pa.array(owned, pa.string())))
         refs.append(writers[w].add.remote(part))
     published = [s for r in ray.get(refs) for s in r]
-    return pa.table({"images": pa.array([len(pc.unique(batch.column("image_id")))], pa.int64()),
+    return pa.table({"images": pa.array([batch.num_rows / rows_per_input], pa.float64()),
                      "published": pa.array([json.dumps(published)], pa.string())})
 
 
-def write_stage(writers: Sequence[Any], shard_size: int) -> "Stage":
+def write_stage(writers: Sequence[Any], shard_size: int, rows_per_input: int = 1) -> Stage:
     """The plan's last stage: rows to their shards' writers (light: the writers do the work). Rows are
     bundled into batches of ``ROUTE_BATCH_ROWS`` (at most a shard's size, so a bundle never holds back
     the rows that complete a shard) so a stream of small encode batches does not pay a task launch each."""
@@ -240,4 +253,4 @@ def write_stage(writers: Sequence[Any], shard_size: int) -> "Stage":
 
     return Stage("write", route_to_writers, batch_size=min(ROUTE_BATCH_ROWS, shard_size), num_cpus=0.05,
                  batch_format="pyarrow",
-                 fn_kwargs={"writers": list(writers)})
+                 fn_kwargs={"writers": list(writers), "rows_per_input": rows_per_input})

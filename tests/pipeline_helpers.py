@@ -216,3 +216,19 @@ def row_differences(got: list[dict[str, Any]], want: list[dict[str, Any]], limit
                     return out
     return out
     return out
+
+
+def kill_session(proc: subprocess.Popen) -> None:
+    """SIGKILL a ``start_new_session`` child and every process of its session (its embedded Ray)."""
+    import contextlib
+    import signal
+
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    out = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and int(parts[1]) == proc.pid and int(parts[0]) != os.getpid():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(parts[0]), signal.SIGKILL)

@@ -24,8 +24,8 @@ import pytest
 
 from bifta_core.config import LabelConfig, ModelConfig
 from bifta_core.errors import ConfigError, InputError
-from pipeline_helpers import REPO_ROOT, cli_env, label_cmd, part_paths, read_output, run_cli, sorted_rows, \
-    write_generated_images
+from pipeline_helpers import REPO_ROOT, cli_env, kill_session, label_cmd, part_paths, read_output, run_cli, \
+    sorted_rows, write_generated_images
 
 N_IMAGES = 12
 FLAGS = ["--labels", "cat,dog,car", "--method", "bifta", "--model", "bifta-tiny-vit", "--num-views", "6",
@@ -149,6 +149,23 @@ def test_shard_writer_publishes_complete_shards_once_with_footer_statistics(tmp_
         w.add(_rows(["z"], "00009-00000"))
 
 
+def test_shard_writer_waits_for_every_label_set_row_even_when_batches_split_an_image(tmp_path: Path) -> None:
+    from pipelines.write import ShardWriter, output_schema
+
+    def label_set(table: pa.Table, name: str) -> pa.Table:
+        i = table.schema.get_field_index("label_set")
+        return table.set_column(i, "label_set", pa.array([name] * table.num_rows, pa.string()))
+
+    w = ShardWriter(str(tmp_path), output_schema(False), {"00000-00000": 2}, rows_per_input=2)
+    assert w.add(label_set(_rows(["x", "y"], "00000-00000"), "a")) == []  # one label set's rows only
+    assert w.add(label_set(_rows(["x"], "00000-00000"), "a")) == []  # a replay
+    [stats] = w.add(label_set(_rows(["x", "y"], "00000-00000"), "b"))
+    assert (stats["images"], stats["rows"]) == (2, 4)
+    table = pq.read_table(tmp_path / "part-00000-00000.parquet")
+    assert list(zip(table.column("image_id").to_pylist(), table.column("label_set").to_pylist())) == [
+        ("x", "a"), ("x", "b"), ("y", "a"), ("y", "b")]
+
+
 def test_resume_reads_names_only_and_old_layouts_are_refused(tmp_path: Path) -> None:
     from pipelines.pipeline import _check_out
     from pipelines.write import finished_shards
@@ -204,7 +221,6 @@ def test_plan_refuses_what_an_embedded_ray_can_never_place_and_hides_gpus_from_c
 
 
 def test_label_and_evaluate_plans_come_from_one_builder() -> None:
-    from bifta_core.evaluation import VIEW_PRESET_NAMES  # noqa: F401  (evaluation imports cleanly)
     from pipelines.embed import eval_stages, view_presets
     from pipelines.pipeline import label_stages
     from pipelines.plan import describe, plan_resources
@@ -313,57 +329,46 @@ def _ray_workers(title: str) -> list[int]:
     return pids
 
 
-def test_an_encode_actor_killed_mid_run_loses_and_duplicates_nothing(reference, images: Path, tmp_path: Path,
-                                                                      tiny_vit_checkpoint: Path) -> None:
+def _run_killing(title: str, images: Path, out: Path, checkpoint: Path) -> tuple[dict, list[int]]:
+    """Label ``images`` into ``out`` while a thread SIGKILLs this run's Ray workers titled ``title``
+    as soon as the first shard is published (others are then in flight)."""
     from pipelines.pipeline import run_label_job
 
-    out = tmp_path / "killed-actor"
     killed: list[int] = []
 
     def kill_when_a_shard_is_out() -> None:
         deadline = time.time() + 120
         while time.time() < deadline and not killed:
             if part_paths(out):
-                for pid in _ray_workers("EncodeStage"):
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-                        killed.append(pid)
-            time.sleep(0.05)
-
-    thread = threading.Thread(target=kill_when_a_shard_is_out, daemon=True)
-    thread.start()
-    summary = run_label_job(_config(images, out, tiny_vit_checkpoint))
-    thread.join(timeout=5)
-    assert killed, "no encode actor was alive to kill"
-    assert summary["ok"] == N_IMAGES
-    assert not _diff(_one_row_each(out), reference[1])
-
-
-def test_a_writer_killed_mid_run_loses_and_duplicates_nothing(reference, images: Path, tmp_path: Path,
-                                                               tiny_vit_checkpoint: Path) -> None:
-    """Ray restarts a killed writer empty: the shards it was filling are redone by the next pass."""
-    from pipelines.pipeline import run_label_job
-
-    out = tmp_path / "killed-writer"
-    killed: list[int] = []
-
-    def kill_writer_when_a_shard_is_out() -> None:
-        deadline = time.time() + 120
-        while time.time() < deadline and not killed:
-            if part_paths(out):
-                for pid in _ray_workers("ShardWriter"):
+                for pid in _ray_workers(title):
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
                         killed.append(pid)
             time.sleep(0.02)
 
-    thread = threading.Thread(target=kill_writer_when_a_shard_is_out, daemon=True)
+    thread = threading.Thread(target=kill_when_a_shard_is_out, daemon=True)
     thread.start()
-    summary = run_label_job(_config(images, out, tiny_vit_checkpoint))
+    summary = run_label_job(_config(images, out, checkpoint))
     thread.join(timeout=5)
+    return summary, killed
+
+
+def test_an_encode_actor_killed_mid_run_loses_and_duplicates_nothing(reference, images: Path, tmp_path: Path,
+                                                                      tiny_vit_checkpoint: Path) -> None:
+    """Ray Data restarts the actor and retries its batches."""
+    summary, killed = _run_killing("EncodeStage", images, tmp_path / "out", tiny_vit_checkpoint)
+    assert killed, "no encode actor was alive to kill"
+    assert summary["ok"] == N_IMAGES
+    assert not _diff(_one_row_each(tmp_path / "out"), reference[1])
+
+
+def test_a_writer_killed_mid_run_loses_and_duplicates_nothing(reference, images: Path, tmp_path: Path,
+                                                               tiny_vit_checkpoint: Path) -> None:
+    """Ray restarts a killed writer empty: the shards it was filling are redone by the next pass."""
+    summary, killed = _run_killing("ShardWriter", images, tmp_path / "out", tiny_vit_checkpoint)
     assert killed, "no writer was alive to kill"
     assert summary["ok"] == N_IMAGES
-    assert not _diff(_one_row_each(out), reference[1])
+    assert not _diff(_one_row_each(tmp_path / "out"), reference[1])
 
 
 def _diff(rows: list[dict], expected: list[dict]) -> list:
@@ -409,18 +414,6 @@ def test_duplicate_ids_are_one_line_errors_before_any_row(ray_local, tmp_path: P
 
 
 # ---------------------------------------------------------------------------------------------- driver kills
-def _kill_session(proc: subprocess.Popen) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
-    out = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True).stdout
-    for line in out.splitlines():
-        parts = line.split()
-        if len(parts) == 2 and int(parts[1]) == proc.pid:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(parts[0]), signal.SIGKILL)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("moment", ["listed", "first-shard"])
 def test_driver_killed_then_rerun_gives_exactly_one_row_per_input(moment: str, reference, images: Path,
@@ -441,10 +434,13 @@ def test_driver_killed_then_rerun_gives_exactly_one_row_per_input(moment: str, r
                 time.sleep(0.01)
             hit = reached()
         finally:
-            _kill_session(proc)
+            kill_session(proc)
     assert hit, f"never reached '{moment}' before the run ended:\n" + log.read_text()[-3000:]
     before = {p.name for p in part_paths(out)}
     assert len(before) < 4, "every shard was already published: nothing was interrupted"
+    # leftovers of an interrupted publish look complete but are not published names: never done
+    for name in (".part-00001-00001.parquet.x1y2.tmp", "part-00001-00001.parquet.tmp"):
+        (out / name).write_bytes((out / "_bifta_inputs" / "00000.parquet").read_bytes())
     rerun = run_cli(args, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     if before:

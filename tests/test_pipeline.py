@@ -12,13 +12,10 @@ user-error exits (which fail before Ray starts) and kill-and-resume.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import logging
 import math
 import os
-import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -34,8 +31,6 @@ from pipeline_helpers import (
     HUGE_LIMIT,
     LABELSET,
     REPO_ROOT,
-    cli_env,
-    label_cmd,
     part_paths,
     plain_type,
     row_differences,
@@ -452,69 +447,7 @@ def test_two_fresh_runs_are_identical(reference_run, make_config, work: Path) ->
 
 
 # ---------------------------------------------------------------------------------------------- 8. kill and resume
-def _processes_in_session(sid: int) -> list[int]:
-    """PIDs whose session id is ``sid`` (a ``start_new_session`` child and the helpers it started)."""
-    out = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True).stdout
-    pids = []
-    for line in out.splitlines():
-        parts = line.split()
-        if len(parts) == 2 and int(parts[1]) == sid and int(parts[0]) != os.getpid():
-            pids.append(int(parts[0]))
-    return pids
-
-
-@pytest.mark.slow
-def test_kill_and_resume(reference_run, resume_images: Path, work: Path, tiny_vit_checkpoint: Path) -> None:
-    from pipelines.write import finished_shards
-
-    def completed_ids(folder: str) -> set[str]:
-        paths = [Path(folder) / f"part-{s}.parquet" for s in finished_shards(folder)]
-        return {i for p in paths for i in pq.read_table(p, columns=["image_id"]).column("image_id").to_pylist()}
-
-    expected = sorted_rows(reference_run[2])
-    out = work / "out-resume"
-    args = [resume_images, "--out", out, "--pretrained", tiny_vit_checkpoint, *RESUME_FLAGS]
-    log_path = work / "killed.log"
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(label_cmd(args), cwd=REPO_ROOT, env=cli_env(), stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        try:
-            deadline = time.time() + 240
-            while not part_paths(out) and proc.poll() is None and time.time() < deadline:
-                time.sleep(0.02)
-            finished_early = proc.poll() is not None
-            os.killpg(proc.pid, signal.SIGKILL)
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=60)
-            # Ray's helpers of the killed run share its session; end any that outlived the kill
-            for pid in _processes_in_session(proc.pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-    assert not finished_early, "the run ended before it could be interrupted:\n" + log_path.read_text()[-3000:]
-    written = part_paths(out)
-    assert written, "no part file was published before the kill:\n" + log_path.read_text()[-3000:]
-    done_before = completed_ids(str(out))
-    assert 0 < len(done_before) < RESUME_IMAGES, f"{len(done_before)} done at the kill: nothing left to resume"
-
-    # leftovers of an interrupted write, complete-looking but unpublished: never read as done
-    all_ids = pa.table({"image_id": [r["image_id"] for r in expected]})
-    shards_before = finished_shards(str(out))
-    for name in (".tmp-part-00000-00005.parquet", ".part-00000-00005.parquet.x1y2.tmp", "part-00000-00005.parquet.tmp"):
-        pq.write_table(all_ids, out / name)
-    assert finished_shards(str(out)) == shards_before
-
-    proc2 = run_cli(args, timeout=300)
-    assert proc2.returncode == 0, proc2.stderr[-3000:]
-    assert "resuming" in proc2.stderr and f"{len(done_before)} of {RESUME_IMAGES}" in proc2.stderr, proc2.stderr[-3000:]
-    table = read_output(out)
-    ids = table.column("image_id").to_pylist()
-    assert len(ids) == len(set(ids)) == RESUME_IMAGES, "duplicate or missing image_id after resume"
-    diff = row_differences(sorted_rows(table), expected)
-    assert not diff, diff
-    # the files of the killed run were kept as they were
-    assert set(written) <= set(part_paths(out))
+# Kill-and-resume of the CLI at several moments: tests/test_data_plane.py.
 
 
 # ---------------------------------------------------------------------------------------------- 9. methods

@@ -210,7 +210,7 @@ def test_train_then_label_far_above_chance(ray_local, data, tmp_path: Path) -> N
     trained = load_model(TINY, str(out / "model.pt"), device="cpu")  # a plain open_clip state dict
     after = _retrieval_top1(trained, data["held_out"])
     chance = 1 / HELD_OUT
-    assert before < 4 * chance and after >= 6 * chance and after > before + 4 * chance, (before, after)
+    assert before < 3 * chance and after >= 5 * chance and after > before + 4 * chance, (before, after)
 
     preds = tmp_path / "preds"
     label_summary = run_label_job(LabelConfig(
