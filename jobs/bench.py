@@ -133,6 +133,11 @@ def _pipeline_failure(summary: dict, args: argparse.Namespace, encoders: int) ->
     return 1
 
 
+def _sig(value: float, digits: int = 5) -> float:
+    """``value`` to ``digits`` significant digits (a fixed number of decimals erases small rates)."""
+    return float(f"{value:.{digits}g}")
+
+
 def run_pipeline_bench(args: argparse.Namespace) -> int:
     from bifta_core.config import LabelConfig, ModelConfig
     from pipelines.inputs import ListingOptions, build_listing
@@ -219,14 +224,14 @@ def run_pipeline_bench(args: argparse.Namespace) -> int:
     views_ps = pipeline_ips * (args.num_views + 1)
     print(f"views/s    {views_ps:.1f}  ({args.num_views} views + 1 whole image per image; "
           f"{'GPU' if summary['gpus'] else 'CPU'} encoders)")
-    result = {"benchmark": "pipeline", "pipeline_images_per_s": round(pipeline_ips, 4),
-              "bare_encoder_images_per_s": round(bare_ips, 4), "encoders": encoders,
-              "bare_encoders_images_per_s": round(bare_all, 4), "ratio": round(ratio, 4),
+    result = {"benchmark": "pipeline", "pipeline_images_per_s": _sig(pipeline_ips),
+              "bare_encoder_images_per_s": _sig(bare_ips), "encoders": encoders,
+              "bare_encoders_images_per_s": _sig(bare_all), "ratio": _sig(ratio),
               "target": PIPELINE_TARGET, "images": summary["processed"], "errors": 0,
               "views_per_image": args.num_views, "gpus": summary["gpus"], "input": args.input,
               "model": args.model, "views_per_s": round(views_ps, 2),
               "device": "cuda" if summary["gpus"] else "cpu",
-              "gpu_ratio": round(ratio, 4) if summary["gpus"] else None, "ok": ratio >= PIPELINE_TARGET}
+              "gpu_ratio": _sig(ratio) if summary["gpus"] else None, "ok": ratio >= PIPELINE_TARGET}
     print(json.dumps(result))
     return 0 if result["ok"] else 1
 

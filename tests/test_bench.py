@@ -95,7 +95,8 @@ def test_pipeline_bench_fails_on_error_rows(tmp_path):
 
 
 def test_scaling_bench_smoke(tmp_path):
-    _, result, _ = _bench("scaling", "--n", "4", "--factor", "2", "--work-dir", str(tmp_path / "work"))
+    _, result, _ = _bench("scaling", "--only", "throughput", "--n", "4", "--factor", "2",
+                          "--work-dir", str(tmp_path / "work"))
     assert result["benchmark"] == "scaling"
     assert SCALING_KEYS <= set(result)
     assert SCALING_TARGETS == set(result["targets"])
@@ -103,6 +104,20 @@ def test_scaling_bench_smoke(tmp_path):
     assert [r["name"] for r in result["runs"]] == ["warm-up", "start-up", "N", "2xN"]
     assert [r["images"] for r in result["runs"]] == [4, 8, 4, 8]
     assert result["targets"]["no_error_rows"]["ok"] is True
+
+
+def test_scaling_bench_driver_case_smoke(tmp_path):
+    """The driver case on small manifests: a fresh run stopped at its first part file, then a resume of
+    a mostly-finished OUT run to the end; driver figures for both sizes and the four targets."""
+    _, result, _ = _bench("scaling", "--only", "driver", "--driver-rows", "300,600", "--driver-shard-size", "100",
+                          "--driver-left-shards", "1", "--driver-model", "bifta-tiny-vit",
+                          "--work-dir", str(tmp_path / "work"))
+    assert set(result["targets"]) == {"driver_peak_growth", "driver_peak", "first_part_file", "driver_runs_complete"}
+    assert [d["rows"] for d in result["driver"]] == [300, 600]
+    for d in result["driver"]:
+        assert d["resume_rc"] == 0 and d["fresh_peak_rss_mb"] > 100 and d["resume_peak_rss_mb"] > 100
+        assert 0 < d["first_part_s"] < 300
+    assert result["targets"]["driver_runs_complete"]["ok"] is True
 
 
 PGS_TRAIN_KEYS = {"benchmark", "images_per_s_mask_0.0", "images_per_s_mask_0.5", "speedup_mask_0.5",
@@ -148,6 +163,9 @@ BAD_FLAGS = [
     (["scaling", "--image-side", "4"], "--image-side"),
     (["scaling", "--max-rss-growth", "-0.1"], "--max-rss-growth"),
     (["scaling", "--method", "nope"], "--method"),
+    (["scaling", "--driver-rows", "10"], "--driver-rows"),
+    (["scaling", "--driver-rows", "9,3"], "--driver-rows"),
+    (["scaling", "--driver-shard-size", "0"], "--driver-shard-size"),
 ]
 
 
