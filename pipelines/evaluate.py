@@ -54,7 +54,7 @@ from bifta_core.evaluation import (
 )
 from bifta_core.predict import ScoreParams
 from pipelines.inputs import ListingOptions, build_listing, distinct_true_labels
-from pipelines.plan import is_embedded, plan_resources, run_shards
+from pipelines.plan import env_args, is_embedded, plan_resources, run_shards
 from pipelines.write import part_files, read_shard_stats
 
 logger = logging.getLogger("bifta.evaluate")
@@ -151,7 +151,7 @@ def run_evaluation(
 
     from bifta_core.models import is_vit_architecture
     from pipelines.embed import load_eval_label_set, model_embed_dim, prepare_eval_label_set
-    from pipelines.pipeline import _remote, ensure_ray, model_config
+    from pipelines.pipeline import ensure_ray, model_config
 
     options.validate()
     config.validate()
@@ -186,7 +186,7 @@ def run_evaluation(
     env = storage.s3_env(config.s3_endpoint_url, config.s3_region, config.s3_anon)
     ls_started = time.time()
     emb, cache_hit = prepare_eval_label_set(config, label_set, specs, mcfg, num_gpus=1 if res and res.use_gpu else 0,
-                                            remote=_remote(env, gpu=bool(res and res.use_gpu)))
+                                            remote=env_args(env, gpu=bool(res and res.use_gpu)))
     label_set_seconds = time.time() - ls_started
     params = ScoreParams(image_scale=config.image_scale, text_scale=config.text_scale, aggregation=config.aggregation)
     acc = EvaluationAccumulator(methods, emb.classes, params=params, protocol=protocol, logit_scale=options.logit_scale)
@@ -207,11 +207,11 @@ def run_evaluation(
         storage.remove(emb_dir, recursive=True)  # an evaluation is encoded whole, never resumed
         listing = build_listing(config.input, emb_dir, ListingOptions(
             shard_size=config.shard_size, label_column=options.label_column, require_labels=True),
-            limit=config.limit, remote=_remote(env, gpu=False))
+            limit=config.limit, remote=env_args(env, gpu=False))
         inputs_n = listing.images
         # Unknown ground-truth labels are a user error: found before any image is encoded.
         sources = sorted({int(s.split("-")[0]) for s, _ in listing.shards})
-        labels = ray.get(ray.remote(distinct_true_labels).options(**_remote(env, gpu=False)).remote(emb_dir, sources))
+        labels = ray.get(ray.remote(distinct_true_labels).options(**env_args(env, gpu=False)).remote(emb_dir, sources))
         map_labels(labels, label_set.classes, label_set.synonyms, label_set.name)
         meta = embeddings_meta(config, presets, model_embed_dim(config.model.model))
         stages = eval_stages(config, res, presets=presets, model_cfg=mcfg, out=emb_dir)

@@ -25,7 +25,7 @@ from bifta_core.models import config_fingerprint, is_vit_architecture, model_pre
 from pipelines.encode import EncodeStage
 from pipelines.inputs import Listing, ListingOptions, build_listing, normalise_spec, plan_sources, read_listing, shards_stage
 from pipelines.label_set import bank_specs, load_label_sets, plan_label_sets, prepare_label_sets
-from pipelines.plan import Resources, Stage, cpu_only_env, is_embedded, plan_resources, run_shards
+from pipelines.plan import Resources, Stage, env_args, is_embedded, plan_resources, run_shards
 from pipelines.read import read_stage
 from pipelines.views import views_stage
 from pipelines.write import (
@@ -114,14 +114,6 @@ def _unwrap(exc: BaseException) -> BaseException:
     return exc
 
 
-def worker_env(config: LabelConfig) -> dict[str, Any]:
-    """Ray remote args carrying the S3 flags to workers (empty when none were given)."""
-    from bifta_core import storage
-
-    env = storage.s3_env(config.s3_endpoint_url, config.s3_region, config.s3_anon)
-    return {"runtime_env": {"env_vars": env}} if env else {}
-
-
 def _check_out(config: LabelConfig, run_id: str | None) -> None:
     """Refuse an OUT written by the old layout or with other settings, before any work."""
     previous = read_json(config.out, RUN_FILE)
@@ -160,7 +152,8 @@ def run_label_job(config: LabelConfig, *, on_progress: Callable[[dict], None] | 
     config.validate()
     started = time.time()
     # S3 flags become the standard variables here, and reach every Ray task/actor via runtime_env.
-    os.environ.update(storage.s3_env(config.s3_endpoint_url, config.s3_region, config.s3_anon))
+    env = storage.s3_env(config.s3_endpoint_url, config.s3_region, config.s3_anon)
+    os.environ.update(env)
     storage.check_writable(config.out)
     loaded = load_label_sets(config)  # a bad label set is a one-line error before Ray starts
     _check_out(config, None)  # an old layout fails before Ray starts
@@ -170,15 +163,14 @@ def run_label_job(config: LabelConfig, *, on_progress: Callable[[dict], None] | 
     ensure_ray()
     try:
         res = plan_resources(config, ray.cluster_resources(), embedded=is_embedded())
-        env = storage.s3_env(config.s3_endpoint_url, config.s3_region, config.s3_anon)
-        facts = ray.get(ray.remote(model_facts).options(num_cpus=0, **_remote(env, gpu=False))
+        facts = ray.get(ray.remote(model_facts).options(num_cpus=0, **env_args(env, gpu=False))
                         .remote(config, res.use_gpu))
         if config.pgs_keep is not None and not facts["is_vit"]:
             raise ConfigError(f"--pgs-keep needs a ViT image tower; {config.model.model} is not supported by CLIP-PGS")
         plan = plan_label_sets(config, loaded, identity=facts["label_set_identity"])
         run_id = run_id_for(config, plan.hashes, facts["provenance"])
         _check_out(config, run_id)  # other settings fail before any listing or text encoding
-        return _run(config, started, on_progress, plan, run_id, listing, sources, res, facts)
+        return _run(config, started, on_progress, plan, run_id, listing, sources, res, facts, env)
     except Exception as exc:  # user errors raised on workers surface as themselves
         real = _unwrap(exc)
         if real is not exc:
@@ -187,18 +179,15 @@ def run_label_job(config: LabelConfig, *, on_progress: Callable[[dict], None] | 
 
 
 def _run(config: LabelConfig, started: float, on_progress, plan, run_id: str, listing: Listing | None,
-         sources, res: Resources, facts: dict[str, Any]) -> dict[str, Any]:
-    from bifta_core import storage
-
-    env = storage.s3_env(config.s3_endpoint_url, config.s3_region, config.s3_anon)
+         sources, res: Resources, facts: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
     mcfg = model_config(config)
     label_sets = prepare_label_sets(config, mcfg, num_gpus=1 if res.use_gpu else 0, plan=plan,
-                                    remote=_remote(env, gpu=res.use_gpu))
+                                    remote=env_args(env, gpu=res.use_gpu))
     write_json(config.out, RUN_FILE, {"run_id": run_id, "layout": LAYOUT_VERSION, "config": config.to_dict(),
                                       "model": facts["provenance"]})
     if listing is None:
         listing = build_listing(config.input, config.out, ListingOptions(shard_size=config.shard_size),
-                                limit=config.limit, remote=_remote(env, gpu=False), sources=sources)
+                                limit=config.limit, remote=env_args(env, gpu=False), sources=sources)
     sizes = dict(listing.shards)
     done = finished_shards(config.out) & set(sizes)
     redo = (shards_with_errors(config.out) & done) if config.retry_errors else set()
@@ -244,12 +233,6 @@ def _run(config: LabelConfig, started: float, on_progress, plan, run_id: str, li
     }
     write_json(config.out, SUMMARY_FILE, summary)
     return summary
-
-
-def _remote(env: dict[str, str], *, gpu: bool) -> dict[str, Any]:
-    """Remote args carrying the S3 settings; a task that reserves no GPU sees none."""
-    env = dict(env) if gpu else {**env, **cpu_only_env()}
-    return {"runtime_env": {"env_vars": env}} if env else {}
 
 
 def label_stages(config: LabelConfig, res: Resources, label_sets, run_id: str, schema: pa.Schema,

@@ -111,16 +111,18 @@ def cpu_only_env() -> dict[str, str]:
     return {"CUDA_VISIBLE_DEVICES": ""}
 
 
+def env_args(base_env: dict[str, str], *, gpu: bool) -> dict[str, Any]:
+    """Ray remote args carrying ``base_env`` (the S3 settings); a task or actor that reserves no GPU
+    also gets :func:`cpu_only_env`. The one place every stage, task and writer gets its environment."""
+    env = dict(base_env) if gpu else {**base_env, **cpu_only_env()}
+    return {"runtime_env": {"env_vars": env}} if env else {}
+
+
 def remote_args(base_env: dict[str, str], stage: Stage) -> dict[str, Any]:
     """Ray remote args of a stage: resources and its runtime environment."""
-    env = dict(base_env)
-    if not stage.gpu_visible and not stage.num_gpus:
-        env.update(cpu_only_env())
-    args: dict[str, Any] = {"num_cpus": stage.num_cpus}
+    args: dict[str, Any] = {"num_cpus": stage.num_cpus, **env_args(base_env, gpu=stage.gpu_visible or bool(stage.num_gpus))}
     if stage.num_gpus:
         args["num_gpus"] = stage.num_gpus
-    if env:
-        args["runtime_env"] = {"env_vars": env}
     return args
 
 
@@ -242,8 +244,7 @@ def _run_pass(out: str, todo: list[tuple[str, int]], stages: Sequence[Stage], n_
         owned[writer_for(shard, n_writers)][shard] = n
     # Writers reserve no CPU: they wait on batches and spend a moment per shard publishing it.
     actor = ray.remote(ShardWriter).options(num_cpus=0, max_restarts=2, max_task_retries=2,
-                                            scheduling_strategy="SPREAD",
-                                            runtime_env={"env_vars": {**env, **cpu_only_env()}})
+                                            scheduling_strategy="SPREAD", **env_args(env, gpu=False))
     writers = [actor.remote(out, schema, owned[w], file_metadata=file_metadata, finalize=finalize,
                             rows_per_input=rows_per_input) for w in range(n_writers)]
     try:

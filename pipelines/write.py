@@ -97,8 +97,7 @@ def part_files(out: str) -> list[str]:
     if not storage.exists(out):
         return []
     files, _ = storage.list_dir(out)
-    return [f for f in files if shard_of(f) is not None or (
-        os.path.basename(f).startswith(PART_PREFIX) and f.endswith(".parquet"))]
+    return [f for f in files if os.path.basename(f).startswith(PART_PREFIX) and f.endswith(".parquet")]
 
 
 def finished_shards(out: str) -> set[str]:

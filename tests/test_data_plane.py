@@ -353,20 +353,13 @@ def _run_killing(title: str, images: Path, out: Path, checkpoint: Path) -> tuple
     return summary, killed
 
 
-def test_an_encode_actor_killed_mid_run_loses_and_duplicates_nothing(reference, images: Path, tmp_path: Path,
-                                                                      tiny_vit_checkpoint: Path) -> None:
-    """Ray Data restarts the actor and retries its batches."""
-    summary, killed = _run_killing("EncodeStage", images, tmp_path / "out", tiny_vit_checkpoint)
-    assert killed, "no encode actor was alive to kill"
-    assert summary["ok"] == N_IMAGES
-    assert not _diff(_one_row_each(tmp_path / "out"), reference[1])
-
-
-def test_a_writer_killed_mid_run_loses_and_duplicates_nothing(reference, images: Path, tmp_path: Path,
-                                                               tiny_vit_checkpoint: Path) -> None:
-    """Ray restarts a killed writer empty: the shards it was filling are redone by the next pass."""
-    summary, killed = _run_killing("ShardWriter", images, tmp_path / "out", tiny_vit_checkpoint)
-    assert killed, "no writer was alive to kill"
+@pytest.mark.parametrize("worker", ["EncodeStage", "ShardWriter"])
+def test_a_worker_killed_mid_run_loses_and_duplicates_nothing(worker: str, reference, images: Path, tmp_path: Path,
+                                                              tiny_vit_checkpoint: Path) -> None:
+    """An encode actor: Ray Data restarts it and retries its batches. A shard writer: Ray restarts it
+    empty, and the shards it was filling are redone by the next pass."""
+    summary, killed = _run_killing(worker, images, tmp_path / "out", tiny_vit_checkpoint)
+    assert killed, f"no {worker} was alive to kill"
     assert summary["ok"] == N_IMAGES
     assert not _diff(_one_row_each(tmp_path / "out"), reference[1])
 
