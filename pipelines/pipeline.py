@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import threading
 import time
 from typing import Any, Callable
 
@@ -162,6 +163,10 @@ def run_label_job(config: LabelConfig, *, on_progress: Callable[[dict], None] | 
     sources = plan_sources(config.input) if listing is None else None  # a missing INPUT fails before Ray
     ensure_ray()
     try:
+        # A fresh OUT (no run file) has no settings to clash with: its listing runs on the workers
+        # while the model is inspected and the label sets are encoded.
+        if listing is None and read_json(config.out, RUN_FILE) is None:
+            listing = _Background(_build_listing, config, env, sources)
         res = plan_resources(config, ray.cluster_resources(), embedded=is_embedded())
         facts = ray.get(ray.remote(model_facts).options(num_cpus=0, **env_args(env, gpu=False))
                         .remote(config, res.use_gpu))
@@ -178,16 +183,46 @@ def run_label_job(config: LabelConfig, *, on_progress: Callable[[dict], None] | 
         raise
 
 
-def _run(config: LabelConfig, started: float, on_progress, plan, run_id: str, listing: Listing | None,
-         sources, res: Resources, facts: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
+class _Background:
+    """``fn(*args)`` on a daemon thread (a failure elsewhere does not wait for it); ``result()``
+    joins it and returns its value or raises its exception."""
+
+    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._target, args=(fn, *args), name="bifta-listing", daemon=True)
+        self._thread.start()
+
+    def _target(self, fn: Callable[..., Any], *args: Any) -> None:
+        try:
+            self._value = fn(*args)
+        except BaseException as exc:  # re-raised by result() in the caller's thread
+            self._error = exc
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+def _build_listing(config: LabelConfig, env: dict[str, str], sources) -> Listing:
+    return build_listing(config.input, config.out, ListingOptions(shard_size=config.shard_size),
+                         limit=config.limit, remote=env_args(env, gpu=False), sources=sources)
+
+
+def _run(config: LabelConfig, started: float, on_progress, plan, run_id: str,
+         listing: Listing | _Background | None, sources, res: Resources, facts: dict[str, Any],
+         env: dict[str, str]) -> dict[str, Any]:
     mcfg = model_config(config)
     label_sets = prepare_label_sets(config, mcfg, num_gpus=1 if res.use_gpu else 0, plan=plan,
                                     remote=env_args(env, gpu=res.use_gpu))
     write_json(config.out, RUN_FILE, {"run_id": run_id, "layout": LAYOUT_VERSION, "config": config.to_dict(),
                                       "model": facts["provenance"]})
-    if listing is None:
-        listing = build_listing(config.input, config.out, ListingOptions(shard_size=config.shard_size),
-                                limit=config.limit, remote=env_args(env, gpu=False), sources=sources)
+    if isinstance(listing, _Background):
+        listing = listing.result()
+    elif listing is None:
+        listing = _build_listing(config, env, sources)
     sizes = dict(listing.shards)
     done = finished_shards(config.out) & set(sizes)
     redo = (shards_with_errors(config.out) & done) if config.retry_errors else set()

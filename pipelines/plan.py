@@ -172,6 +172,29 @@ def describe(stages: Sequence[Stage]) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------------------------ running
 #: Passes over unfinished shards before giving up (a writer actor lost mid-run leaves its shards open).
 MAX_PASSES = 3
+#: The first shards enter the plan one per block, so the first part file is published after one
+#: shard's work rather than a whole block's (a stage task emits its output when its block is done).
+EARLY_SHARDS = 8
+#: The other shards share at most this many blocks: each block costs the driver one object-store put.
+MAX_INPUT_BLOCKS = 512
+
+
+def shard_blocks(todo: list[tuple[str, int]], early: int = EARLY_SHARDS,
+                 max_blocks: int = MAX_INPUT_BLOCKS) -> list[list[tuple[str, int]]]:
+    """Split ``todo`` (in order) into the plan's input blocks: ``early`` single-shard blocks, then
+    the rest in at most ``max_blocks`` blocks of near-equal shard counts."""
+    head = [[item] for item in todo[:early]]
+    rest = todo[early:]
+    if not rest:
+        return head
+    n = min(max_blocks, len(rest))
+    step, extra = divmod(len(rest), n)
+    blocks, start = [], 0
+    for i in range(n):
+        end = start + step + (1 if i < extra else 0)
+        blocks.append(rest[start:end])
+        start = end
+    return head + blocks
 
 
 class ShardTotals:
@@ -249,7 +272,11 @@ def _run_pass(out: str, todo: list[tuple[str, int]], stages: Sequence[Stage], n_
                             rows_per_input=rows_per_input) for w in range(n_writers)]
     try:
         configure_data_context()
-        items = ray.data.from_items([{"shard": s, "rows": n} for s, n in todo])
+        import pyarrow as pa
+
+        # from_blocks keeps the blocks as given (from_items/from_arrow re-chunk them or read their metadata remotely).
+        items = ray.data.from_blocks([pa.table({"shard": [s for s, _ in block], "rows": [n for _, n in block]})
+                                      for block in shard_blocks(todo)])
         ds = build_dataset(items, [*stages, write_stage(writers, max(n for _, n in todo), rows_per_input)], env=env)
         last_report = 0.0
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):

@@ -451,3 +451,16 @@ def test_run_id_changes_with_precision_and_activation() -> None:
            ({}, {"precision": "fp16"}, {"precision": "bf16"}, {"activation": "gelu"})}
     assert len(ids) == 4
     assert run_id_for(config, ["h"], dict(base)) == run_id_for(config, ["h"], dict(base, weights="ignored"))
+
+
+def test_shard_blocks_put_the_first_shards_alone_and_cap_the_rest():
+    from pipelines.plan import shard_blocks
+
+    todo = [(f"{i:05d}-00000", 10) for i in range(1000)]
+    blocks = shard_blocks(todo, early=3, max_blocks=7)
+    assert [len(b) for b in blocks[:3]] == [1, 1, 1]
+    assert len(blocks) == 3 + 7
+    sizes = [len(b) for b in blocks[3:]]
+    assert max(sizes) - min(sizes) <= 1
+    assert [item for block in blocks for item in block] == todo  # every shard once, in order
+    assert shard_blocks(todo[:2], early=3, max_blocks=7) == [[todo[0]], [todo[1]]]
