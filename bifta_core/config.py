@@ -15,11 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bifta_core.errors import ConfigError
-from bifta_core.labelsets import METHODS
-from bifta_core.views import VIEW_PRESETS, ViewPreset
+from bifta_core.methods import METHOD_NAMES, METHODS, VIEW_GENERATORS, VIEW_PRESETS, ViewPreset, grid_preset
+from bifta_core.presets import PRESETS, preset_names
 
-#: Methods that score crops (views); the others only encode the whole image.
-VIEW_METHODS = ("wca", "bifta")
 AGGREGATIONS = ("normalized", "sum")
 #: A shard is one Parquet row group of the saved listing (Arrow caps a row group at 1Mi rows).
 MAX_SHARD_SIZE = 1_000_000
@@ -44,9 +42,13 @@ class LabelConfig:
     input: str = ""
     labels: list[str] = field(default_factory=list)  # "PATH" or "NAME=PATH", one per label set
     out: str = ""
-    method: str = "bifta"
+    method: str | None = None  # None: the --preset's method, else bifta
     model: ModelConfig = field(default_factory=ModelConfig)
+    # A released configuration (bifta_core.presets): its view settings replace the method's defaults
+    preset: str | None = None
     # Views (None = the method's preset: wca 60 views at scale 0.1-0.9; bifta 100 at 0.5-0.9, IoU 0.85)
+    views: str | None = None  # random | grid (None: the method's generator, random)
+    grid: int = 3  # tiles per side of grid views (BiFTA's --num_grid)
     num_views: int | None = None
     max_views: int | None = None
     iou_threshold: float | None = None
@@ -72,6 +74,7 @@ class LabelConfig:
     merge_duplicate_classes: bool = False
     labelset_cache: str | None = None  # default ~/.cache/bifta/labelsets; "" disables
     labelset_artifacts: list[str] = field(default_factory=list)
+    waffle_words: str | None = None  # WaffleCLIP word list (.pkl/.json/.txt); default: the bundled list
     pgs_keep: float | None = None  # CLIP-PGS keep ratio for view encodes (None = off)
     pgs_whole_image: bool = False  # also apply PGS to the whole-image encode
     explain: bool = True
@@ -82,16 +85,29 @@ class LabelConfig:
     s3_region: str | None = None
     s3_anon: bool = False
 
+    def __post_init__(self) -> None:
+        if self.method is None:  # a released preset names its method
+            self.method = PRESETS[self.preset].method if self.preset in PRESETS else "bifta"
+
     # ------------------------------------------------------------------ resolution
     @property
     def uses_views(self) -> bool:
-        return self.method in VIEW_METHODS
+        return self.method in METHODS and METHODS[self.method].uses_views
 
-    def view_preset(self) -> ViewPreset:
-        """The view settings in force: the method's preset with explicit overrides applied."""
-        base = VIEW_PRESETS["wca" if self.method == "wca" else "bifta"]
-        num = self.num_views if self.num_views is not None else base.num_views
+    def view_preset(self, name: str | None = None) -> ViewPreset:
+        """The view settings in force for the view preset ``name`` (default: the method's, as a grid
+        under ``views: grid``): the released ``--preset``'s settings where it is for that preset,
+        else the method defaults, with explicit overrides applied."""
+        if name is None:
+            name = METHODS[self.method].views or "bifta"
+        release = PRESETS.get(self.preset) if self.preset else None
+        base = release.view if release is not None and release.view.name == name else VIEW_PRESETS[name]
+        if base.generator == "grid" or (self.views == "grid" and name == METHODS[self.method].views):
+            base = grid_preset(base, self.grid)
         iou = self.iou_threshold if self.iou_threshold is not None else base.iou_threshold
+        if base.generator == "grid":  # the tiling fixes the views: only the refinement can be changed
+            return dataclasses.replace(base, iou_threshold=iou)
+        num = self.num_views if self.num_views is not None else base.num_views
         max_views = self.max_views if self.max_views is not None else (base.max_views if iou is not None else num)
         return ViewPreset(
             name=base.name,
@@ -105,7 +121,7 @@ class LabelConfig:
     def refines_descriptions(self) -> bool:
         if self.refine_descriptions is not None:
             return self.refine_descriptions
-        return self.method == "bifta"
+        return METHODS[self.method].refine
 
     def label_specs(self) -> list[tuple[str | None, str]]:
         """``--labels`` values as (name or None, location)."""
@@ -128,7 +144,24 @@ class LabelConfig:
         if not self.out:
             raise ConfigError("no output location given: pass --out PATH")
         if self.method not in METHODS:
-            raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got '{self.method}'")
+            raise ConfigError(f"--method must be one of {', '.join(METHOD_NAMES)}, got '{self.method}'")
+        if self.preset is not None:
+            if self.preset not in PRESETS:
+                raise ConfigError(f"unknown --preset '{self.preset}'; `bifta presets` lists them: {', '.join(preset_names())}")
+            if PRESETS[self.preset].method != self.method:
+                raise ConfigError(f"--preset {self.preset} is a setting of --method {PRESETS[self.preset].method}, "
+                                  f"not {self.method}")
+        if self.views is not None and self.views not in VIEW_GENERATORS:
+            raise ConfigError(f"--views must be one of {', '.join(VIEW_GENERATORS)}, got '{self.views}'")
+        if self.views == "grid":
+            if not self.uses_views:
+                raise ConfigError(f"--views grid needs a method that scores views (wca, bifta), not {self.method}")
+            if self.num_views is not None or self.scale is not None:
+                raise ConfigError("--views grid makes --grid × --grid tiles: --num-views and --scale do not apply")
+        if isinstance(self.grid, bool) or not isinstance(self.grid, int) or not 1 <= self.grid <= 16:
+            raise ConfigError(f"--grid must be an integer from 1 to 16, got {self.grid!r}")
+        if self.waffle_words is not None and (not isinstance(self.waffle_words, str) or not self.waffle_words):
+            raise ConfigError(f"--waffle-words must be a file path, got {self.waffle_words!r}")
         if self.aggregation not in AGGREGATIONS:
             raise ConfigError(f"--aggregation must be one of {', '.join(AGGREGATIONS)}, got '{self.aggregation}'")
         _positive("--num-views", self.num_views)

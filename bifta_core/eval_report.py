@@ -180,6 +180,11 @@ def render_report(
         f"- views: {context.get('views') or 'not encoded'}",
         f"- embeddings: {context.get('source')}",
     ]
+    if context.get("preset"):
+        r = context["preset"]
+        lines.append(f"- preset: `{r['name']}` ({r['source']}; released backbone {r['backbone']}): "
+                     + ", ".join(f"{k} {v}" for k, v in r["views"].items()))
+        lines += [f"  - note: {n}" for n in r["notes"]]
     if context.get("protocol"):
         p = context["protocol"]
         lines.append(f"- protocol: {p['runs']} runs × {p['views']} views per image (mean ± std over runs)")

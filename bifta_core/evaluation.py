@@ -17,19 +17,24 @@ row (``method``)                   scorer        descriptions           views   
 ``clip-e``                         CLIP-E        prompt templates       whole image     –
 ``clip-d``                         CLIP-D        descriptors            whole image     –
 ``cupl``                           CuPL          sentences              whole image     –
+``waffle``                         WaffleCLIP    random words, chars    whole image     –
 ``wca``                            WCA           sentences              wca, kept       normalized
 ``wca+refined-desc``               WCA           refined sentences      wca, kept       normalized
 ``bifta-unrefined-desc-views``     BiFTA         sentences              bifta, all      normalized
 ``bifta-unrefined-views``          BiFTA         refined sentences      bifta, all      normalized
 ``bifta-unrefined-desc``           BiFTA         sentences              bifta, kept     normalized
 ``bifta``                          BiFTA         refined sentences      bifta, kept     normalized
+``wca-grid``                       WCA           sentences              bifta-grid      normalized
+``bifta-grid``                     BiFTA         refined sentences      bifta-grid      normalized
 ``…/sum``                          WCA / BiFTA   as above               as above        sum
 =================================  ============  =====================  ==============  ===========
 
 ``wca`` and ``bifta`` are the methods as ``bifta label`` runs them (same boxes, same crops, same
 whole-image embedding, same text bank). The four ``bifta*`` rows are the 2×2 ablation
 {descriptions unrefined, refined} × {all sampled views, views kept by IoU refinement} on BiFTA's
-views; ``wca+refined-desc`` adds description refinement to WCA. Accuracy is top-k over the whole
+views; ``wca+refined-desc`` adds description refinement to WCA. The ``*-grid`` rows score BiFTA's
+grid views (3 × 3 tiles, :data:`bifta_core.methods.VIEW_PRESETS`) the way BiFTA's release scores
+them with ``--crop_strategy grid`` (its "wca" and "bifta" methods). Accuracy is top-k over the whole
 label set; ties between equal scores are broken towards the lower class index, exactly as
 :func:`bifta_core.predict.top_k` does.
 
@@ -51,6 +56,7 @@ import torch
 
 from bifta_core.errors import ConfigError, InputError, LabelSetError
 from bifta_core.labelsets import LabelSet, key_of
+from bifta_core.methods import METHODS
 from bifta_core.predict import ScoreParams, method_scores
 from bifta_core.scoring import sample_view_subsets, wca_scores
 from bifta_core.seeding import generator_for
@@ -58,8 +64,8 @@ from bifta_core.text_banks import BankSpec, LabelSetEmbeddings
 
 #: View modes: no views (whole image only), every sampled view, views kept by the preset's refinement.
 VIEW_MODES = ("none", "all", "kept")
-#: View presets an evaluation samples views with (:data:`bifta_core.views.VIEW_PRESETS`).
-VIEW_PRESET_NAMES = ("wca", "bifta")
+#: View presets an evaluation samples views with (:data:`bifta_core.methods.VIEW_PRESETS`).
+VIEW_PRESET_NAMES = ("wca", "bifta", "bifta-grid")
 #: CLIP's learned logit scale (≈100): confidences are ``softmax(LOGIT_SCALE · score)``.
 DEFAULT_LOGIT_SCALE = 100.0
 #: Top-k accuracies reported.
@@ -92,13 +98,10 @@ class EvalMethod:
 
 
 def standard_methods() -> tuple[EvalMethod, ...]:
-    """Every row an evaluation scores, in report order (see the module docstring)."""
-    rows = [
-        EvalMethod("clip", "clip", None, "none", None, "class prompt"),
-        EvalMethod("clip-e", "clip-e", "clip-e", "none", None, "prompt templates"),
-        EvalMethod("clip-d", "clip-d", "clip-d", "none", None, "descriptors"),
-        EvalMethod("cupl", "cupl", "cupl", "none", None, "sentences"),
-    ]
+    """Every row an evaluation scores, in report order (see the module docstring): each method of
+    :data:`bifta_core.methods.METHODS` as ``bifta label`` runs it, then the ablations."""
+    rows = [EvalMethod(m.name, m.name, m.name if m.texts != "class prompt" else None, "none", None, m.summary)
+            for m in METHODS.values() if not m.uses_views]
     for agg in ("normalized", "sum"):
         suffix = "" if agg == "normalized" else "/sum"
         rows += [
@@ -108,6 +111,8 @@ def standard_methods() -> tuple[EvalMethod, ...]:
             EvalMethod(f"bifta-unrefined-views{suffix}", "bifta", "bifta", "all", agg, "refined sentences", "bifta"),
             EvalMethod(f"bifta-unrefined-desc{suffix}", "bifta", "wca", "kept", agg, "sentences", "bifta"),
             EvalMethod(f"bifta{suffix}", "bifta", "bifta", "kept", agg, "refined sentences", "bifta"),
+            EvalMethod(f"wca-grid{suffix}", "wca", "wca", "kept", agg, "sentences", "bifta-grid"),
+            EvalMethod(f"bifta-grid{suffix}", "bifta", "bifta", "kept", agg, "refined sentences", "bifta-grid"),
         ]
     return tuple(rows)
 
@@ -139,14 +144,18 @@ def select_methods(wanted: Sequence[str] | None) -> list[EvalMethod]:
     return [m for m in rows if m.name in names]
 
 
-def bank_specs_for(methods: Sequence[EvalMethod], threshold: float = 0.99, top_k: int | None = 50) -> list[BankSpec]:
-    """Text banks the rows need: one per distinct ``bank`` key (``bifta`` is the refined pool).
+def bank_specs_for(methods: Sequence[EvalMethod], threshold: float = 0.99, top_k: int | None = 50, *,
+                   waffle_seed: int = 0, waffle_words: str | None = None) -> list[BankSpec]:
+    """Text banks the rows need: one per distinct ``bank`` key, a method name (``bifta`` is the
+    refined pool), refined as that method refines by default.
 
     The ``wca`` bank holds the unrefined sentences and ``bifta`` the refined ones (both with WCA
-    description weights); ``clip-e``/``clip-d``/``cupl`` hold their method's texts.
+    description weights); the others hold their method's texts (WaffleCLIP's drawn from ``waffle_seed``).
     """
     keys = list(dict.fromkeys(m.bank for m in methods if m.bank is not None))
-    return [BankSpec(method=k, refine=(k == "bifta"), threshold=threshold, top_k=top_k) for k in keys]
+    return [BankSpec(method=k, refine=METHODS[k].refine, threshold=threshold, top_k=top_k,
+                     waffle_seed=waffle_seed if METHODS[k].texts == "waffle" else None,
+                     waffle_words=waffle_words if METHODS[k].texts == "waffle" else None) for k in keys]
 
 
 def usable_methods(label_set: LabelSet, methods: Sequence[EvalMethod]) -> tuple[list[EvalMethod], dict[str, str]]:
@@ -164,7 +173,7 @@ def usable_methods(label_set: LabelSet, methods: Sequence[EvalMethod]) -> tuple[
         src = m.bank  # bank keys are method names: their texts come from that method's file
         if src not in reasons:
             try:
-                label_set.texts_for(src)
+                label_set.require(src)
                 reasons[src] = None
             except LabelSetError as exc:
                 reasons[src] = str(exc)

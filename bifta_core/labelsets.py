@@ -39,27 +39,6 @@ DESCRIPTORS_FILE = "clip-d.json"
 TEMPLATES_FILE = "clip-e.json"
 CLASS_PROMPT = "a photo of a {}."
 
-#: What each method reads from a label set.
-METHOD_SOURCES: dict[str, str] = {
-    "clip": "class prompt",
-    "clip-e": TEMPLATES_FILE,
-    "clip-d": DESCRIPTORS_FILE,
-    "cupl": SENTENCES_FILE,
-    "wca": SENTENCES_FILE,
-    "bifta": SENTENCES_FILE,
-}
-METHODS: tuple[str, ...] = tuple(METHOD_SOURCES)
-#: The optional label-set files each method reads (classes.json is always read).
-METHOD_FILES: dict[str, frozenset[str]] = {
-    "clip": frozenset(),
-    "clip-e": frozenset({TEMPLATES_FILE}),
-    "clip-d": frozenset({DESCRIPTORS_FILE}),
-    "cupl": frozenset({SENTENCES_FILE}),
-    "wca": frozenset({SENTENCES_FILE}),
-    "bifta": frozenset({SENTENCES_FILE, POOL_FILE}),
-}
-
-
 def key_of(name: str) -> str:
     """Normalised lookup key of a class name: casefold, ``_`` → space, collapsed whitespace."""
     return " ".join(name.replace("_", " ").casefold().split())
@@ -85,14 +64,16 @@ def descriptor_sentence(class_name: str, descriptor: str) -> str:
     Like the reference, the test is a plain string prefix, so ``"angular shape"`` also reads
     ``"which is …"``.
     """
-    d = descriptor.strip()
-    if d.startswith(("a", "an", "used")):
-        clause = f"which is {d}"
-    elif d.startswith(("has", "often", "typically", "may", "can")):
-        clause = f"which {d}"
-    else:
-        clause = f"which has {d}"
-    return f"{prompt_name(class_name)}, {clause}"
+    return f"{prompt_name(class_name)}, {descriptor_clause(descriptor.strip())}"
+
+
+def descriptor_clause(descriptor: str) -> str:
+    """The ``which …`` clause of :func:`descriptor_sentence` (WaffleCLIP's prompts use it too)."""
+    if descriptor.startswith(("a", "an", "used")):
+        return f"which is {descriptor}"
+    if descriptor.startswith(("has", "often", "typically", "may", "can")):
+        return f"which {descriptor}"
+    return f"which has {descriptor}"
 
 
 @dataclass(frozen=True)
@@ -118,26 +99,40 @@ class LabelSet:
         """``"a photo of a {c}."`` per class — CLIP's prompt and WCA's description-weight anchor."""
         return [CLASS_PROMPT.format(prompt_name(c)) for c in self.classes]
 
-    def texts_for(self, method: str) -> list[list[str]]:
-        """Per class, the texts a mean/WCA scorer uses for ``method`` (before any refinement).
+    def texts_for(self, method: str, *, seed: int = 0, words: Sequence[str] | None = None) -> list[list[str]]:
+        """Per class, the texts ``method`` encodes (before any refinement), by its entry in
+        :data:`bifta_core.methods.METHODS`. WaffleCLIP's texts are drawn from ``seed`` and ``words``
+        (default: the bundled list) by :func:`bifta_core.waffle.waffle_texts`.
 
         Raises :class:`LabelSetError` naming the missing file when the method's role is absent.
         """
-        if method not in METHOD_SOURCES:
-            raise LabelSetError(f"unknown method '{method}'; choose from {', '.join(METHODS)}")
-        if method == "clip":
+        source = self.require(method)
+        if source == "class prompt":
             return [[p] for p in self.class_prompts()]
-        if method == "clip-e":
+        if source == "templates" or (source == "sentences" and self.sentences is None):  # a plain class list
             return [[t.format(prompt_name(c)) for t in self.templates] for c in self.classes]
-        if method == "clip-d":
-            if self.descriptors is None:
-                raise self._missing(DESCRIPTORS_FILE, method)
+        if source == "descriptors":
             return [[descriptor_sentence(c, d) for d in self.descriptors[c]] for c in self.classes]
-        if self.sentences is None:
-            if self.is_plain_list:
-                return [[t.format(prompt_name(c)) for t in self.templates] for c in self.classes]
-            raise self._missing(SENTENCES_FILE, method)
+        if source == "waffle":
+            from bifta_core.waffle import load_words, waffle_texts
+
+            return waffle_texts(self.classes, [self.descriptors[c] for c in self.classes],
+                                load_words() if words is None else words, seed=seed)
         return [list(self.sentences[c]) for c in self.classes]
+
+    def require(self, method: str) -> str:
+        """The text source of ``method``; :class:`LabelSetError` for an unknown method or a missing
+        label-set file it needs (checked before any text is built or encoded)."""
+        from bifta_core.methods import METHOD_NAMES, METHODS  # the table imports this module's file names
+
+        if method not in METHODS:
+            raise LabelSetError(f"unknown method '{method}'; choose from {', '.join(METHOD_NAMES)}")
+        source = METHODS[method].texts
+        if source in ("descriptors", "waffle") and self.descriptors is None:  # WaffleCLIP draws its characters there
+            raise self._missing(DESCRIPTORS_FILE, method)
+        if source == "sentences" and self.sentences is None and not self.is_plain_list:
+            raise self._missing(SENTENCES_FILE, method)
+        return source
 
     def refinement_pool(self) -> list[list[str]]:
         """BiFTA's description pool per class: ``cupl.json`` ∪ ``llm-pool.json`` (in that order)."""
@@ -340,7 +335,7 @@ def load_label_set(
     """Load and validate a label set from a folder, a class-list file, or ``"a,b,c"``.
 
     Every file present is validated strictly unless ``needed`` names the files the caller will use
-    (see :data:`METHOD_FILES`): then a broken file outside that set is dropped with a warning, so
+    (see ``files`` in :data:`bifta_core.methods.METHODS`): then a broken file outside that set is dropped with a warning, so
     e.g. an incomplete ``clip-d.json`` never blocks ``--method bifta``.
 
     Duplicate class names (after :func:`key_of`) are an error naming them unless

@@ -120,6 +120,59 @@ def _hf_offline(enabled: bool):
             hf_constants.HF_HUB_OFFLINE = old_flag
 
 
+def _hub_text_parts(arch: str) -> list[tuple[str, str]]:
+    """``[(what, repo)]`` of the text side that open_clip loads from the Hugging Face hub for ``arch``
+    (with ``transformers``): an ``hf_tokenizer_name`` (SigLIP, SigLIP 2, CLIPA…) and an
+    ``hf_model_name`` text tower. Empty for architectures on open_clip's bundled CLIP tokenizer."""
+    import open_clip
+
+    text = (open_clip.get_model_config(arch) or {}).get("text_cfg", {})
+    parts = []
+    for key, what in (("hf_tokenizer_name", "tokenizer"), ("hf_model_name", "text model")):
+        repo = text.get(key)
+        if repo and not os.path.isdir(repo) and (what, repo) not in parts:
+            parts.append((what, repo))
+    return parts
+
+
+def _hf_cached(repo: str) -> bool:
+    """Whether the Hugging Face cache already holds a snapshot of ``repo`` (no network)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        snapshot_download(repo, local_files_only=True)
+        return True
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        return False
+
+
+def check_hub_text_files(arch: str) -> None:
+    """Fail with one :class:`ModelLoadError` line, before any model is built, when ``arch``'s
+    tokenizer (or HF text tower) must come from the Hugging Face hub and cannot: the
+    ``transformers`` package is missing, or the files are not cached and the hub is unreachable
+    (or ``HF_HUB_OFFLINE`` is set). A no-op for architectures on the bundled CLIP tokenizer."""
+    import importlib.util
+
+    parts = _hub_text_parts(arch)
+    if not parts:
+        return
+    what = " and ".join(f"the {kind} {repo}" for kind, repo in parts)
+    problems = []
+    if importlib.util.find_spec("transformers") is None:
+        problems.append("the `transformers` package that loads it is not installed (pip install transformers)")
+    missing = [repo for repo in dict.fromkeys(r for _, r in parts) if not _hf_cached(repo)]
+    if missing:
+        offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+        if offline or not _hub_reachable():
+            why = "HF_HUB_OFFLINE is set" if offline else "the hub cannot be reached"
+            problems.append(f"{', '.join(missing)} is not in the local Hugging Face cache and {why}")
+    if problems:
+        raise ModelLoadError(
+            f"model {arch} (--model) needs {what} from the Hugging Face hub: " + "; ".join(problems)
+        )
+
+
 @dataclass(frozen=True)
 class ResolvedWeights:
     """Where the weights come from, and a stable identity for cache keys."""
@@ -586,6 +639,7 @@ def load_model(
     if prec == "fp32":
         set_fp32_exact(dev)
     activation = _activation(arch, weights, quick_gelu)
+    check_hub_text_files(arch)  # before building: a hub tokenizer that cannot be had is one line
 
     try:
         if weights.kind == "random":
@@ -616,7 +670,16 @@ def load_model(
     import open_clip
 
     model.to(dev)
-    tokenizer = open_clip.get_tokenizer(arch)
+    try:
+        tokenizer = open_clip.get_tokenizer(arch)
+    except (OSError, ImportError) as exc:
+        hub = _hub_text_parts(arch)
+        if not hub:
+            raise
+        # transformers raises OSError when the hub files cannot be fetched, ImportError for a missing package.
+        raise ModelLoadError(
+            f"cannot load the tokenizer {hub[0][1]} of model {arch} from the Hugging Face hub: {_first_line(exc)}"
+        ) from exc
     if weights.kind == "random":
         logger.warning("model %s uses RANDOM weights (--pretrained random): labels are meaningless", arch)
     return ClipModel(
@@ -706,6 +769,7 @@ def model_identity(
     """
     arch = _check_arch(model_name)
     weights = resolve_pretrained(arch, pretrained, cache_dir=cache_dir)
+    check_hub_text_files(arch)  # the driver asks for this identity right before it needs the model
     return _identity(arch, weights.identity, _activation(arch, weights, quick_gelu), precision)
 
 

@@ -19,10 +19,8 @@ from bifta_core.scoring import (
     wca_scores_from_vectors,
     wca_text_vectors,
 )
+from bifta_core.methods import method as method_entry
 from bifta_core.text_banks import TextBank
-
-MEAN_METHODS = ("clip-e", "clip-d", "cupl")
-WCA_METHODS = ("wca", "bifta")
 
 
 @dataclass(frozen=True)
@@ -43,14 +41,15 @@ def method_scores(
     view_mask: torch.Tensor | None = None,
     params: ScoreParams = ScoreParams(),
 ) -> torch.Tensor:
-    """``[B,C]`` class scores of ``method`` (CLIP / CLIP-E / CLIP-D / CuPL / WCA / BiFTA)."""
-    if method == "clip":
+    """``[B,C]`` class scores of ``method`` by its scorer in :data:`bifta_core.methods.METHODS`."""
+    scorer = method_entry(method).scorer
+    if scorer == "prompt":
         return clip_scores(image_emb, class_emb)
     if bank is None:
         raise ValueError(f"method {method} needs a text bank")
-    if method in MEAN_METHODS:
+    if scorer == "mean":
         return mean_scores(image_emb, bank.desc_emb, bank.desc_class, class_emb.shape[0])
-    if method in WCA_METHODS:
+    if scorer == "wca":
         if view_emb is None or view_mask is None:
             raise ValueError(f"method {method} needs view embeddings")
         return wca_scores(
@@ -72,16 +71,17 @@ def method_text_vectors(
 ) -> torch.Tensor:
     """``[C,D]`` text side of ``method``'s score, computed once per label set (not per batch).
 
-    CLIP: the unit class prompts; CLIP-E/-D/CuPL: :func:`~bifta_core.scoring.mean_text_vectors`;
-    WCA/BiFTA: :func:`~bifta_core.scoring.wca_text_vectors` (description weights included).
+    ``prompt`` scorer: the unit class prompts; ``mean``: :func:`~bifta_core.scoring.mean_text_vectors`;
+    ``wca``: :func:`~bifta_core.scoring.wca_text_vectors` (description weights included).
     """
-    if method == "clip":
+    scorer = method_entry(method).scorer
+    if scorer == "prompt":
         return F.normalize(class_emb.float(), dim=-1)
     if bank is None:
         raise ValueError(f"method {method} needs a text bank")
-    if method in MEAN_METHODS:
+    if scorer == "mean":
         return mean_text_vectors(bank.desc_emb, bank.desc_class, class_emb.shape[0])
-    if method in WCA_METHODS:
+    if scorer == "wca":
         return wca_text_vectors(bank.desc_emb, bank.desc_class, class_emb, params.text_scale, params.aggregation)
     raise ValueError(f"unknown method {method}")
 
@@ -98,7 +98,7 @@ def method_image_vectors(
     WCA/BiFTA: ``Σ_i w_i · view_i`` (:func:`~bifta_core.scoring.wca_image_vectors`); others: the
     unit whole-image embedding. These are also the features explanations are ranked against.
     """
-    if method in WCA_METHODS:
+    if method_entry(method).scorer == "wca":
         if view_emb is None or view_mask is None:
             raise ValueError(f"method {method} needs view embeddings")
         return wca_image_vectors(view_emb, view_mask, image_emb, params.image_scale)
@@ -111,7 +111,7 @@ def scores_from_vectors(
     """``[B,C]`` scores from :func:`method_image_vectors` and :func:`method_text_vectors`; equal to
     :func:`method_scores` on the same inputs (the same operations, split where they stop depending
     on the batch)."""
-    if method in WCA_METHODS:
+    if method_entry(method).scorer == "wca":
         return wca_scores_from_vectors(image_vec, text_vec, params.aggregation)
     return image_vec @ text_vec.to(image_vec.device).T
 

@@ -19,15 +19,11 @@ import torch
 
 from bifta_core.descriptions import refine_descriptions
 from bifta_core.labelsets import LabelSet
+from bifta_core.methods import METHODS
 from bifta_core.models import ClipModel, config_fingerprint
 from bifta_core.scoring import description_weights
 
 logger = logging.getLogger("bifta.text_banks")
-
-#: Methods whose bank carries WCA description weights.
-WEIGHTED_METHODS = ("wca", "bifta")
-#: Methods whose texts are LLM sentences (``cupl.json``), so refinement may draw on ``llm-pool.json``.
-SENTENCE_METHODS = ("cupl", "wca", "bifta")
 
 
 @dataclass(frozen=True)
@@ -38,14 +34,25 @@ class BankSpec:
     refine: bool = False
     threshold: float = 0.99
     top_k: int | None = 50
+    waffle_seed: int | None = None  # WaffleCLIP: the seed its random texts are drawn from
+    waffle_words: str | None = None  # WaffleCLIP: word list path (None: the bundled list)
 
     @property
     def key(self) -> str:
         """Bank name: the method, plus ``+refined``/``-unrefined`` where it departs from its default."""
-        default_refine = self.method == "bifta"
-        if self.refine == default_refine:
+        if self.refine == METHODS[self.method].refine:
             return self.method
         return f"{self.method}{'+refined' if self.refine else '-unrefined'}"
+
+    def identity(self) -> dict:
+        """What the bank's texts depend on (for content hashes): the WaffleCLIP settings only where
+        they apply (so other banks hash as before), with the word list by content."""
+        fields = {k: v for k, v in vars(self).items() if not k.startswith("waffle_")}
+        if METHODS[self.method].texts == "waffle":
+            from bifta_core.waffle import words_digest
+
+            fields["waffle"] = {"seed": self.waffle_seed or 0, "words": words_digest(self.waffle_words)}
+        return fields
 
 
 @dataclass
@@ -88,7 +95,7 @@ def content_hash(label_set: LabelSet, model_identity: str, specs: Sequence[BankS
         {
             "model": model_identity,
             "label_set": label_set.content(),
-            "banks": [vars(s) for s in specs],
+            "banks": [s.identity() for s in specs],
             "text_scale": text_scale,
             "format": 1,
         }
@@ -113,8 +120,15 @@ def build_label_set_embeddings(
     per_bank_texts: dict[str, list[list[str]]] = {}
     for spec in specs:
         # Sentence methods refine BiFTA's pool (cupl ∪ llm-pool); others refine their own texts.
-        use_pool = spec.refine and spec.method in SENTENCE_METHODS
-        per_bank_texts[spec.key] = label_set.refinement_pool() if use_pool else label_set.texts_for(spec.method)
+        if spec.refine and METHODS[spec.method].refinement_pool:
+            per_bank_texts[spec.key] = label_set.refinement_pool()
+        else:
+            words = None
+            if spec.waffle_words is not None:
+                from bifta_core.waffle import load_words
+
+                words = load_words(spec.waffle_words)
+            per_bank_texts[spec.key] = label_set.texts_for(spec.method, seed=spec.waffle_seed or 0, words=words)
     prompts = label_set.class_prompts()
     all_texts = list(prompts)
     for texts in per_bank_texts.values():
@@ -138,7 +152,7 @@ def build_label_set_embeddings(
         desc_class = torch.tensor(classes, dtype=torch.long)
         desc_emb = torch.stack([table[t] for t in texts]) if texts else torch.empty(0, class_emb.shape[1])
         weights = None
-        if spec.method in WEIGHTED_METHODS:
+        if METHODS[spec.method].weighted:
             weights = description_weights(desc_emb, desc_class, class_emb, text_scale)
         banks[spec.key] = TextBank(
             key=spec.key,
@@ -157,7 +171,7 @@ def build_label_set_embeddings(
         # model.identity includes the activation (QuickGELU or GELU); the text precision is in params.
         content_hash=content_hash(label_set, model.identity, specs, text_scale),
         # What the texts were encoded with (activation inside the identity), checked when reused.
-        params={"specs": [vars(s) for s in specs], "text_scale": text_scale,
+        params={"specs": [s.identity() for s in specs], "text_scale": text_scale,
                 "model_identity": model.identity, "text_precision": model.precision},
         model=model.model_name,
         pretrained=model.pretrained,

@@ -21,33 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from bifta_core.errors import ConfigError
-
-
-@dataclass(frozen=True)
-class ViewPreset:
-    """Settings for view sampling and refinement.
-
-    Attributes:
-        name: preset name.
-        scale: ``(alpha, beta)``; crop side = ``floor(U(alpha, beta) * min(W, H))``.
-        num_views: number of random boxes sampled per image.
-        iou_threshold: BiFTA view refinement threshold (``None``: no IoU filtering, as in WCA).
-        max_views: most views kept after refinement.
-    """
-
-    name: str
-    scale: tuple[float, float]
-    num_views: int
-    iou_threshold: float | None
-    max_views: int
-
-
-VIEW_PRESETS: dict[str, ViewPreset] = {
-    # WCA: 60 crops with scale in [0.1, 0.9], no overlap filtering.
-    "wca": ViewPreset("wca", (0.1, 0.9), 60, None, 60),
-    # BiFTA: larger crops, overlapping ones removed by IoU > 0.85.
-    "bifta": ViewPreset("bifta", (0.5, 0.9), 100, 0.85, 100),
-}
+from bifta_core.methods import VIEW_PRESETS, ViewPreset  # noqa: F401 - re-exported: views are made from presets
 
 
 def _check_scale(scale: tuple[float, float]) -> tuple[float, float]:
@@ -95,6 +69,35 @@ def sample_boxes(
     x0 = torch.minimum(torch.floor(r[1] * (width - side + 1)), width - side)
     y0 = torch.minimum(torch.floor(r[2] * (height - side + 1)), height - side)
     return torch.stack([x0, y0, x0 + side, y0 + side], dim=1).to(torch.long)
+
+
+def grid_boxes(width: int, height: int, grid: int) -> torch.Tensor:
+    """BiFTA's grid views (``--crop_strategy grid``): ``grid × grid`` non-overlapping square tiles
+    of side ``min(W // g, H // g)`` laid from the top-left corner, row by row (on a non-square
+    image the far end of the longer side is not covered, as in the release).
+
+    Returns:
+        ``torch.long`` tensor ``[g², 4]`` of ``(x0, y0, x1, y1)``, ``x1``/``y1`` exclusive.
+    """
+    if int(grid) != grid or grid < 1:
+        raise ConfigError(f"grid size must be a positive integer, got {grid}")
+    if int(width) != width or int(height) != height or width < 1 or height < 1:
+        raise ConfigError(f"image size must be positive integers, got {width}x{height}")
+    g = int(grid)
+    side = max(1, min(int(width) // g, int(height) // g))  # a tile of at least one pixel on tiny images
+    steps = torch.arange(g, dtype=torch.long) * side
+    y0, x0 = torch.meshgrid(steps, steps, indexing="ij")
+    x0, y0 = x0.reshape(-1).clamp(max=int(width) - side), y0.reshape(-1).clamp(max=int(height) - side)
+    return torch.stack([x0, y0, x0 + side, y0 + side], dim=1)
+
+
+def generate_boxes(preset: ViewPreset, width: int, height: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The boxes ``preset`` generates for a ``width`` x ``height`` image, before refinement."""
+    if preset.generator == "grid":
+        return grid_boxes(width, height, preset.grid)
+    if preset.generator != "random":
+        raise ConfigError(f"unknown view generator {preset.generator!r}; choose random or grid")
+    return sample_boxes(width, height, preset.num_views, preset.scale, generator)
 
 
 def _check_boxes(boxes: torch.Tensor, what: str) -> torch.Tensor:

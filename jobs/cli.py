@@ -20,6 +20,7 @@ COMMANDS = {
     "report": ("jobs.report", "summarise a prediction folder with polars"),
     "describe": ("jobs.describe", "generate class descriptions with an LLM"),
     "labelset": ("jobs.labelset", "build a reusable label-set artifact"),
+    "presets": ("jobs.presets", "list the released WCA/BiFTA configurations --preset accepts"),
     "train": ("jobs.train", "CLIP / CLIP-PGS contrastive training on Ray Train"),
     "bench": ("jobs.bench", "benchmarks (pipeline, scaling, pgs, pgs-train)"),
     "demo": ("jobs.demo", "label the bundled example photos end to end"),

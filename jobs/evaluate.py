@@ -24,6 +24,7 @@ from typing import Any
 from bifta_core.config import LabelConfig
 from bifta_core.errors import ConfigError
 from bifta_core.evaluation import method_names
+from bifta_core.presets import PRESETS
 from jobs.label import _MODEL_FIELDS, add_model_arguments
 
 logger = logging.getLogger("bifta.evaluate")
@@ -33,9 +34,10 @@ _CONFIG_FIELDS = {
     "num_views", "max_views", "iou_threshold", "scale", "seed", "desc_threshold", "desc_top_k", "image_scale",
     "text_scale", "merge_duplicate_classes", "pgs_keep", "pgs_whole_image", "batch_size", "view_batch_size",
     "num_encoders", "gpus", "num_decoders", "shard_size", "limit", "max_pixels", "labelset_cache",
+    "preset", "grid", "waffle_words",
 }
 #: Flags that fix the image embeddings: with --from-embeddings they must match the saved ones.
-_VIEW_FLAGS = ("num_views", "max_views", "iou_threshold", "scale", "seed", "pgs_keep", "pgs_whole_image")
+_VIEW_FLAGS = ("num_views", "max_views", "iou_threshold", "scale", "seed", "pgs_keep", "pgs_whole_image", "preset", "grid")
 
 _EPILOG = (
     "Views: wca* rows are scored on WCA's views (scale 0.1-0.9, 60 views, no IoU refinement), bifta* rows on "
@@ -95,7 +97,8 @@ def config_from_args(args: argparse.Namespace) -> LabelConfig:
         input=args.input or args.from_embeddings or "",
         labels=[args.labels],
         out=args.out,
-        method="bifta",  # only resolves view presets, which evaluate does per preset (pipelines.embed.view_presets)
+        # only resolves view presets, which evaluate does per preset (pipelines.embed.view_presets)
+        method=PRESETS[given["preset"]].method if given.get("preset") in PRESETS else "bifta",
         model=model,
     )
     return LabelConfig.from_dict(data)
@@ -153,6 +156,10 @@ def options_from_args(args: argparse.Namespace):
     from pipelines.evaluate import EvaluateOptions
 
     methods = parse_methods(args.methods)
+    release = PRESETS.get(getattr(args, "preset", None) or "")
+    if release is not None:  # a released preset also fixes the released repeated-run protocol
+        args.protocol_runs = release.protocol_runs if args.protocol_runs is None else args.protocol_runs
+        args.protocol_views = release.protocol_views if args.protocol_views is None else args.protocol_views
     return EvaluateOptions(
         out=args.out,
         label_column=args.label_column,

@@ -17,7 +17,7 @@ from typing import Any
 
 from bifta_core.config import LabelConfig, parse_scale
 from bifta_core.errors import ConfigError
-from bifta_core.labelsets import METHODS
+from bifta_core.methods import METHOD_NAMES
 
 EXIT_USER_ERROR = 2
 
@@ -54,6 +54,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                    help="build the model with QuickGELU (default: what the weights were trained with)")
     g.add_argument("--no-quick-gelu", dest="quick_gelu", action="store_false", default=s)
     v = parser.add_argument_group("views (WCA / BiFTA)")
+    v.add_argument("--preset", default=s, help="a released WCA/BiFTA configuration, e.g. bifta-cub (`bifta presets` lists them)")
+    v.add_argument("--grid", type=int, default=s, help="tiles per side of grid views (3, BiFTA's --num_grid)")
     v.add_argument("--num-views", type=int, default=s, help="crops sampled per image (wca 60, bifta 100)")
     v.add_argument("--max-views", type=int, default=s, help="crops kept after IoU refinement (bifta 100)")
     v.add_argument("--iou-threshold", type=float, default=s, help="drop a crop whose IoU with a kept one exceeds this (bifta 0.85)")
@@ -68,6 +70,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     d.add_argument("--image-scale", type=float, default=s, help="crop-weight temperature exponent (4.0 → e^4)")
     d.add_argument("--text-scale", type=float, default=s, help="description-weight temperature exponent (2.0 → e^2)")
     d.add_argument("--aggregation", choices=["normalized", "sum"], default=s, help="WCA aggregation (normalized)")
+    d.add_argument("--waffle-words", default=s,
+                   help="WaffleCLIP word list (.pkl as released, .json, .txt); default: the bundled English list")
     d.add_argument("--merge-duplicate-classes", action="store_true", default=s,
                    help="keep the first of repeated class names instead of failing")
     p = parser.add_argument_group("CLIP-PGS")
@@ -82,9 +86,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--labels", action="append", default=s, metavar="[NAME=]LABELSET",
                         help="label-set folder, classes file or 'a,b,c'; repeat to label against several at once")
     parser.add_argument("--out", default=s, help="output folder (local or s3://); rerunning resumes")
-    parser.add_argument("--method", choices=METHODS, default=s, help="scoring method (default bifta)")
+    parser.add_argument("--method", choices=METHOD_NAMES, default=s,
+                        help="scoring method (default: the --preset's, else bifta)")
     parser.add_argument("--config", default=None, help="YAML/JSON config file; flags override it")
     add_model_arguments(parser)
+    parser.add_argument("--views", choices=["random", "grid"], default=s,
+                        help="random crops (default) or BiFTA's grid of --grid x --grid tiles (wca, bifta)")
     e = parser.add_argument_group("execution")
     e.add_argument("--batch-size", type=int, default=s, help="images per encode batch (8)")
     e.add_argument("--view-batch-size", type=int, default=s, help="crops per encoder forward pass (256)")

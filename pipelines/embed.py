@@ -105,7 +105,7 @@ def prepare_eval_label_set(
 def view_presets(config: LabelConfig, names: Sequence[str]) -> dict[str, ViewPreset]:
     """The resolved view settings of each preset in ``names``: exactly what
     ``bifta label --method NAME`` with the same view flags (``--num-views``, ``--scale``…) samples."""
-    return {name: dataclasses.replace(config, method=name).view_preset() for name in names}
+    return {name: config.view_preset(name) for name in names}
 
 
 class EvalViewStage:

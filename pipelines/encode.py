@@ -20,6 +20,7 @@ from bifta_core.predict import ScoreParams
 from bifta_core.seeding import generator_for
 from bifta_core.text_banks import LabelSetEmbeddings
 from pipelines.score import ROW_COLUMNS, RowContext, Scorer, build_rows
+from bifta_core.methods import METHODS
 from bifta_core.views import cut_planned, pinned_empty, plan_views, to_device
 
 
@@ -166,7 +167,7 @@ class EncodeStage:
         self.label_sets = label_sets
         self.encoder = ViewEncoder(self.model, view_batch_size=view_batch_size, seed=seed, pgs_keep=pgs_keep,
                                    pgs_whole_image=pgs_whole_image)
-        self.uses_views = method in ("wca", "bifta")
+        self.uses_views = METHODS[method].uses_views
         self.scorer = Scorer(label_sets, method=method, bank_key=bank_key, params=ScoreParams(**score_params),
                              k=top_k, with_explanations=explain, device=self.model.device)
         self.ctx = RowContext(method=method, model=self.model.model_name, pretrained=self.model.pretrained,

@@ -151,7 +151,7 @@ def run_evaluation(
 
     from bifta_core.models import is_vit_architecture
     from pipelines.embed import load_eval_label_set, model_embed_dim, prepare_eval_label_set
-    from pipelines.pipeline import ensure_ray, model_config
+    from pipelines.pipeline import ensure_ray, model_config, preset_record
 
     options.validate()
     config.validate()
@@ -177,7 +177,8 @@ def run_evaluation(
     preset_names = presets_for(methods)
 
     storage.check_writable(options.out)
-    specs = bank_specs_for(methods, config.desc_threshold, config.desc_top_k)
+    specs = bank_specs_for(methods, config.desc_threshold, config.desc_top_k, waffle_seed=config.seed,
+                           waffle_words=config.waffle_words)
     mcfg = model_config(config)
     res = None
     if stored_meta is None:  # re-scoring saved embeddings starts Ray only to encode uncached text
@@ -255,6 +256,7 @@ def run_evaluation(
         "protocol": dataclasses.asdict(protocol) if protocol else None,
         "random_weights": random_weights,
         "source": source,
+        **preset_record(config),
     }
     out = options.out
     storage.write_bytes_atomic(storage.join(out, "metrics.parquet"), _parquet_bytes(metrics))
@@ -277,6 +279,7 @@ def run_evaluation(
         "random_weights": random_weights,
         "views": views_used,
         "protocol": context["protocol"],
+        **preset_record(config),
         "score_params": dataclasses.asdict(params),
         "from_embeddings": options.from_embeddings,
         "embeddings_saved": storage.join(out, EMBEDDINGS_DIR) if options.save_embeddings else None,
@@ -306,7 +309,9 @@ def _views_text(views: dict[str, dict] | None) -> str | None:
         iou = v.get("iou_threshold")
         refine = (f", IoU refinement > {iou} dropped (max {v.get('max_views')} kept)" if iou is not None
                   else f", no IoU refinement (max {v.get('max_views')} kept)")
-        parts.append(f"{name}: {v.get('num_views')} sampled per image, scale {tuple(v.get('scale', ()))}{refine}")
+        made = (f"{v.get('grid')} x {v.get('grid')} grid tiles" if v.get("generator") == "grid"
+                else f"{v.get('num_views')} sampled per image, scale {tuple(v.get('scale', ()))}")
+        parts.append(f"{name}: {made}{refine}")
     return "; ".join(parts)
 
 

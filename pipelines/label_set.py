@@ -18,7 +18,8 @@ import ray
 from bifta_core.config import LabelConfig
 from bifta_core.errors import LabelSetError
 from bifta_core.labelset_artifact import load_artifact, save_artifact
-from bifta_core.labelsets import METHOD_FILES, LabelSet, load_label_set
+from bifta_core.labelsets import LabelSet, load_label_set
+from bifta_core.methods import METHODS
 from bifta_core.models import model_identity, text_precision
 from bifta_core.text_banks import BankSpec, LabelSetEmbeddings, build_label_set_embeddings, content_hash
 
@@ -26,15 +27,19 @@ logger = logging.getLogger("bifta.label_set")
 
 
 def bank_specs(config: LabelConfig) -> list[BankSpec]:
-    """The text banks a labelling run needs (CLIP needs only class prompts)."""
-    if config.method == "clip":
+    """The text banks a labelling run needs (a method scored by its class prompt needs none)."""
+    m = METHODS[config.method]
+    if m.texts == "class prompt":
         return []
+    waffle = m.texts == "waffle"
     return [
         BankSpec(
             method=config.method,
             refine=config.refines_descriptions,
             threshold=config.desc_threshold,
             top_k=config.desc_top_k,
+            waffle_seed=config.seed if waffle else None,
+            waffle_words=config.waffle_words if waffle else None,
         )
     ]
 
@@ -72,11 +77,11 @@ def _encode_label_sets(label_sets: list[LabelSet], model_cfg: dict, specs: list[
 
 def load_label_sets(config: LabelConfig) -> list[LabelSet]:
     """Load and validate every ``--labels`` (no Ray, no model): a bad label set fails before start-up."""
-    needed = METHOD_FILES[config.method]
+    needed = METHODS[config.method].files
     loaded = [load_label_set(path, name, merge_duplicates=config.merge_duplicate_classes, needed=needed)
               for name, path in config.label_specs()]
     for ls in loaded:
-        ls.texts_for(config.method)  # raises LabelSetError naming the file this method needs
+        ls.require(config.method)  # raises LabelSetError naming the file this method needs
     return loaded
 
 
@@ -169,7 +174,8 @@ def _artifact(path: str, config: LabelConfig, identity: str, specs: list[BankSpe
     if built_precision is not None and built_precision != identity.rsplit("|", 1)[1]:
         logger.warning("label-set artifact %s was encoded in %s, this run encodes text in %s",
                        path, built_precision, identity.rsplit("|", 1)[1])
-    built = {BankSpec(**d).key: BankSpec(**d) for d in emb.params.get("specs", [])}
+    built_ids = {BankSpec(**{k: v for k, v in d.items() if k != "waffle"}).key: d for d in emb.params.get("specs", [])}
+    built = {k: BankSpec(**{f: v for f, v in d.items() if f != "waffle"}) for k, d in built_ids.items()}
     for spec in specs:
         if spec.key not in emb.banks:
             raise LabelSetError(
@@ -182,6 +188,10 @@ def _artifact(path: str, config: LabelConfig, identity: str, specs: list[BankSpe
                 f"label-set artifact {path} refined descriptions with --desc-threshold {have.threshold} "
                 f"--desc-top-k {have.top_k}, this run asks for {spec.threshold} / {spec.top_k}"
             )
+        drawn = built_ids.get(spec.key, {}).get("waffle")
+        if drawn is not None and drawn != spec.identity().get("waffle"):
+            raise LabelSetError(f"label-set artifact {path} drew its WaffleCLIP texts with another --seed or "
+                                "--waffle-words; rebuild it with this run's settings")
     if spec_scale := emb.params.get("text_scale"):
         if float(spec_scale) != float(config.text_scale):
             raise LabelSetError(

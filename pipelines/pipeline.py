@@ -21,6 +21,7 @@ import pyarrow as pa
 import ray
 
 from bifta_core.config import LabelConfig
+from bifta_core.methods import METHODS, ViewPreset
 from bifta_core.errors import BiftaUserError, ConfigError
 from bifta_core.models import config_fingerprint, is_vit_architecture, model_preprocess, model_provenance
 from pipelines.encode import EncodeStage
@@ -85,14 +86,33 @@ def model_facts(config: LabelConfig, use_gpu: bool) -> dict[str, Any]:
             "preprocess": model_preprocess(m.model, m.pretrained), "is_vit": is_vit_architecture(m.model)}
 
 
+def preset_record(config: LabelConfig) -> dict[str, Any]:
+    """``{"preset": …}`` for run files and reports: the released preset and the views it resolved to."""
+    if not config.preset:
+        return {}
+    from bifta_core.presets import PRESETS, describe_preset
+
+    record = describe_preset(PRESETS[config.preset])
+    record["views_in_force"] = dataclasses.asdict(config.view_preset()) if config.uses_views else None
+    return {"preset": record}
+
+
+def view_identity(preset: ViewPreset) -> dict[str, Any]:
+    """A view preset as the run id sees it: random views hash as they did before grid views existed."""
+    d = dataclasses.asdict(preset)
+    if preset.generator == "random":
+        d.pop("generator"), d.pop("grid")
+    return d
+
+
 def run_id_for(config: LabelConfig, label_set_hashes: list[str], provenance: dict[str, Any] | None = None) -> str:
     """Deterministic run id over the settings *in force* (presets and precision resolved), so the
     same rows always carry the same id and a resumed run matches the run it resumes (a resume
     never mixes fp16 and fp32 rows)."""
     payload = {k: getattr(config, k) for k in _ROW_FIELDS}
     payload.update(
-        views=dataclasses.asdict(config.view_preset()) if config.uses_views else None,
-        refine_descriptions=config.refines_descriptions if config.method != "clip" else None,
+        views=view_identity(config.view_preset()) if config.uses_views else None,
+        refine_descriptions=config.refines_descriptions if METHODS[config.method].texts != "class prompt" else None,
         model={k: (provenance or model_provenance_of(config, False))[k]
                for k in ("model", "pretrained", "precision", "activation")},
         label_sets=label_set_hashes,
@@ -218,7 +238,7 @@ def _run(config: LabelConfig, started: float, on_progress, plan, run_id: str,
     label_sets = prepare_label_sets(config, mcfg, num_gpus=1 if res.use_gpu else 0, plan=plan,
                                     remote=env_args(env, gpu=res.use_gpu))
     write_json(config.out, RUN_FILE, {"run_id": run_id, "layout": LAYOUT_VERSION, "config": config.to_dict(),
-                                      "model": facts["provenance"]})
+                                      "model": facts["provenance"], **preset_record(config)})
     if isinstance(listing, _Background):
         listing = listing.result()
     elif listing is None:

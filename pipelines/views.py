@@ -17,7 +17,7 @@ import torch
 
 from bifta_core.images import boxes_to_working, working_min_side
 from bifta_core.seeding import generator_for
-from bifta_core.views import ViewPreset, crop_resize_tensor, refine_boxes, sample_boxes
+from bifta_core.views import ViewPreset, crop_resize_tensor, generate_boxes, refine_boxes
 from pipelines.columns import to_table
 from pipelines.decode import decode_or_error
 
@@ -61,7 +61,7 @@ class ViewStage:
     def _views(self, image_id: str, decoded) -> tuple[np.ndarray, int, np.ndarray]:
         """→ (boxes on the working image, number sampled, kept mask aligned with the boxes)."""
         p = self.preset
-        boxes = sample_boxes(decoded.width, decoded.height, p.num_views, p.scale, generator_for(self.seed, image_id))
+        boxes = generate_boxes(p, decoded.width, decoded.height, generator_for(self.seed, image_id))
         kept_idx = refine_boxes(boxes, p.iou_threshold, p.max_views)
         if self.all_views:
             mask = np.zeros(int(boxes.shape[0]), dtype=np.uint8)

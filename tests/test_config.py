@@ -8,7 +8,7 @@ import pytest
 
 from bifta_core.config import LabelConfig, ModelConfig, parse_scale
 from bifta_core.errors import BiftaUserError, ConfigError
-from bifta_core.labelsets import METHODS
+from bifta_core.methods import METHOD_NAMES
 
 
 def _cfg(**kwargs) -> LabelConfig:
@@ -97,7 +97,7 @@ def test_scale_list_becomes_tuple():
 def test_valid_config_returns_self():
     cfg = _cfg()
     assert cfg.validate() is cfg
-    for method in METHODS:
+    for method in METHOD_NAMES:
         _cfg(method=method).validate()
     _cfg(labels=[], labelset_artifacts=["/tmp/a.parquet"]).validate()
 
@@ -265,8 +265,8 @@ def test_bad_config_files(tmp_path):
     with pytest.raises(ConfigError, match="mapping"):
         LabelConfig.from_file(str(listy))
     unknown = tmp_path / "unknown.yaml"
-    unknown.write_text("input: x\nviews: 3\n", encoding="utf-8")
-    with pytest.raises(ConfigError, match="views"):
+    unknown.write_text("input: x\ncrops: 3\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="crops"):
         LabelConfig.from_file(str(unknown))
 
 

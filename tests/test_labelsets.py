@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from bifta_core.errors import BiftaUserError, LabelSetError
+from bifta_core.methods import METHOD_NAMES
 from bifta_core.labelsets import (
-    METHODS,
     LabelSet,
     default_templates,
     descriptor_sentence,
@@ -81,7 +81,7 @@ def test_published_label_sets_load_and_validate(dataset, descriptions_dir):
 @pytest.mark.parametrize("dataset", DATASETS)
 def test_published_texts_for_every_available_method(dataset, descriptions_dir):
     ls = _load_dataset(descriptions_dir, dataset)
-    available = [m for m in METHODS if m != "clip-d" or ls.descriptors is not None]
+    available = [m for m in METHOD_NAMES if m != "clip-d" or ls.descriptors is not None]
     assert set(available) >= {"clip", "clip-e", "cupl", "wca", "bifta"}
     for method in available:
         texts = ls.texts_for(method)

@@ -14,7 +14,8 @@ import torch
 from bifta_core.descriptions import normalize_text
 from bifta_core.errors import LabelSetError
 from bifta_core.labelset_artifact import from_table, load_artifact, save_artifact, to_table
-from bifta_core.labelsets import METHODS, load_label_set
+from bifta_core.labelsets import load_label_set
+from bifta_core.methods import METHOD_NAMES
 from bifta_core.models import load_model
 from bifta_core.text_banks import BankSpec, LabelSetEmbeddings, build_label_set_embeddings, content_hash
 
@@ -45,7 +46,7 @@ DESCRIPTORS = {
 }
 TEMPLATES = ["a photo of a {}.", "a drawing of a {}.", "a {} in the wild."]
 
-ALL_SPECS = [BankSpec(m) for m in METHODS if m != "bifta"] + [BankSpec("bifta", refine=True)]
+ALL_SPECS = [BankSpec(m) for m in METHOD_NAMES if m != "bifta"] + [BankSpec("bifta", refine=True)]
 
 
 def _write_label_set(folder: Path, cupl: dict | None = None) -> Path:
@@ -101,7 +102,7 @@ def test_class_embeddings(embeddings, label_set, tiny_vit_model):
     assert set(embeddings.banks) == {s.key for s in ALL_SPECS}
 
 
-@pytest.mark.parametrize("method", [m for m in METHODS if m != "bifta"])
+@pytest.mark.parametrize("method", [m for m in METHOD_NAMES if m != "bifta"])
 def test_unrefined_banks_hold_the_method_texts(method, embeddings, label_set, tiny_vit_model):
     bank = embeddings.bank(method)
     groups = label_set.texts_for(method)
