@@ -117,6 +117,8 @@ def _check_saved(config: LabelConfig, args: argparse.Namespace, meta: dict[str, 
             f"this run asks for {asked_model} ({config.model.pretrained}) — the model must match"
         )
     config.model.model, config.model.pretrained = str(saved_model), str(saved_pretrained)
+    if "seed" not in given and isinstance(meta.get("seed"), int):  # WaffleCLIP's texts are drawn from the run's seed
+        config.seed = meta["seed"]
     if model_identity(config.model.model, config.model.pretrained, config.model.cache_dir) != meta.get("model_identity"):
         raise ConfigError(
             f"the weights {saved_pretrained} changed since the embeddings in {args.from_embeddings} were made; "

@@ -170,7 +170,8 @@ def test_every_table_says_which_model_and_that_weights_are_random(evaluated: Pat
     presets = dict(zip(metrics["method"].to_list(), metrics["view_preset"].to_list()))
     assert presets["clip"] is None and presets["cupl"] is None
     assert {presets[m] for m in ("wca", "wca+refined-desc", "wca/sum")} == {"wca"}
-    assert {presets[m] for m in method_names() if m.startswith("bifta")} == {"bifta"}
+    assert {presets[m] for m in method_names() if m.startswith("bifta") and "grid" not in m} == {"bifta"}
+    assert {presets[m] for m in method_names() if "grid" in m} == {"bifta-grid"}
 
 
 def test_protocol_reports_mean_and_std_over_runs(evaluated: Path) -> None:
@@ -219,7 +220,7 @@ def test_view_refinement_only_matters_for_images_that_lost_views(evaluated: Path
 
 def test_wca_and_bifta_rows_use_their_own_views(evaluated: Path) -> None:
     batch, _ = _embeddings(evaluated)
-    assert set(batch.views) == {"wca", "bifta"}
+    assert set(batch.views) == {"wca", "bifta", "bifta-grid"}
     wca, bifta = batch.views["wca"], batch.views["bifta"]
     # Different scale ranges, so different crops; and each preset's whole image is decoded at its own
     # working resolution (1/alpha × the input size), as bifta label decodes it for that method.
@@ -243,9 +244,13 @@ def test_embeddings_file_layout(evaluated: Path) -> None:
     assert meta["format"] == 2
     assert meta["model"] == "bifta-tiny-vit" and meta["pretrained"] == "random" and meta["seed"] == 3
     assert meta["views"]["wca"] == {"name": "wca", "scale": [0.1, 0.9], "num_views": 10, "iou_threshold": 0.3,
-                                    "max_views": 10}
+                                    "max_views": 10, "generator": "random", "grid": 3}
     assert meta["views"]["bifta"] == {"name": "bifta", "scale": [0.5, 0.9], "num_views": 10, "iou_threshold": 0.3,
-                                      "max_views": 10}
+                                      "max_views": 10, "generator": "random", "grid": 3}
+    # BiFTA's grid views: 3 x 3 tiles whatever --num-views says; --iou-threshold still refines them.
+    assert meta["views"]["bifta-grid"] == {"name": "bifta-grid", "scale": [1 / 3, 1 / 3], "num_views": 9,
+                                           "iou_threshold": 0.3, "max_views": 9, "generator": "grid", "grid": 3}
+    assert [len(v) for v in table.column("bifta-grid_view_emb").to_pylist()] == [9] * N_IMAGES
 
 
 # ----------------------------------------------------------------------------- re-scoring

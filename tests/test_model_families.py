@@ -12,12 +12,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import polars as pl
 import pytest
 import ray
@@ -116,21 +114,28 @@ def _hub_tokenizer_available(repo: str) -> bool:
 
 @pytest.mark.parametrize("job", ["label", "evaluate"])
 @pytest.mark.parametrize("family", list(HUB_TOKENIZER_FAMILIES))
-def test_hub_tokenizer_family_is_one_error_line(family, job, data, tmp_path):
+def test_hub_tokenizer_family_is_one_error_line(family, job, data, tmp_path, monkeypatch, capsys):
+    """``label`` runs as a real CLI process (the model is first inspected in a Ray task there);
+    ``evaluate`` in this process (it asks for the model identity on the driver), to save a Ray start."""
     arch, repo = HUB_TOKENIZER_FAMILIES[family]
     if _hub_tokenizer_available(repo):
         pytest.skip(f"{repo} is cached and transformers is installed here: {arch} would run, not fail")
     args = [str(data["images"]), "--labels", str(data["labels"]), "--out", str(tmp_path / "out"),
             "--model", arch, "--pretrained", "random", "--device", "cpu", *VIEWS, "--no-labelset-cache", "--quiet"]
     if job == "label":
-        args += ["--method", "wca"]
-    env = {**cli_env(), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", f"jobs.{job}", *args], cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, proc.stderr[-3000:]
+        env = {**cli_env(), "HF_HUB_OFFLINE": "1"}
+        proc = subprocess.run([sys.executable, "-m", "jobs.label", *args, "--method", "wca"], cwd=REPO_ROOT,
+                              env=env, capture_output=True, text=True, timeout=240)
+        rc, stderr = proc.returncode, proc.stderr
+    else:
+        from jobs.evaluate import main as evaluate
+
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        rc, stderr = evaluate(args), capsys.readouterr().err
+    assert rc == 2, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, stderr[-3000:]
     assert arch in errors[0] and repo in errors[0] and "Hugging Face hub" in errors[0], errors[0]
     if importlib.util.find_spec("transformers") is None:
         assert "transformers" in errors[0]
@@ -231,24 +236,28 @@ def test_logit_scale_and_bias_do_not_change_wca_scores(tmp_path):
     g = torch.Generator().manual_seed(0)
     size = model.image_size
     whole = model.normalize_pixels(torch.randint(0, 256, (2, 3, size, size), generator=g)).cpu()
-    views = model.normalize_pixels(torch.randint(0, 256, (2 * 5, 3, size, size), generator=g)).cpu().view(2, 5, 3, size, size)
+    views = model.normalize_pixels(torch.randint(0, 256, (2 * 5, 3, size, size), generator=g)).cpu()
+    views = views.view(2, 5, 3, size, size)
     prompts = [f"a photo of a {c}." for c in CLASSES]
     descriptions = [DESCRIPTIONS[c] for c in CLASSES]
+
+    def model_logits():  # what the model itself would score: scale * cosine + bias (SigLIP's sigmoid logits)
+        with torch.no_grad():
+            img, txt, scale, bias = model.model(whole, model.tokenizer(prompts))
+        return scale * img @ txt.T + bias
 
     before = _bifta_wca(model, whole, views, prompts, descriptions)
     reference = _wca_reference(model, whole, views, prompts, descriptions)
     torch.testing.assert_close(before, reference, rtol=1e-5, atol=1e-5)
+    logits_before = model_logits()
 
     with torch.no_grad():
         model.model.logit_scale.fill_(math.log(3.0))  # CLIP's init is log(1/0.07); SigLIP's log(10)
         model.model.logit_bias.fill_(7.5)  # SigLIP's init is -10
+    assert not torch.allclose(model_logits(), logits_before)  # the model's logits do move…
     after = _bifta_wca(model, whole, views, prompts, descriptions)
-    assert torch.equal(before, after)
+    assert torch.equal(before, after)  # …bifta's cosine-based WCA scores do not
     torch.testing.assert_close(after, _wca_reference(model, whole, views, prompts, descriptions), rtol=1e-5, atol=1e-5)
-    # The model's own logits do move: the scores above are cosines, not logits.
-    with torch.no_grad():
-        feats = model.model(whole[:1], model.tokenizer(prompts[:1]))
-    assert feats["logit_bias"].item() == 7.5 and abs(feats["logit_scale"].item() - 3.0) < 1e-5
 
 
 def test_label_job_scores_ignore_checkpoint_logit_scale(data, tmp_path, tiny_vit_checkpoint):

@@ -459,16 +459,20 @@ def method_inputs(work: Path) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["wca", "cupl", "clip-d", "clip-e", "clip"])
+@pytest.mark.parametrize("method", ["wca", "cupl", "clip-d", "clip-e", "clip", "waffle", "bifta-grid"])
 def test_method_variants(method: str, ray_local, make_config, method_inputs: Path, labelset_dir: Path,
                          work: Path) -> None:
-    # WCA keeps its own preset (60 crops, no refinement); the global methods take no crops at all
-    config = make_config(method_inputs, work / f"out-method-{method}", labels=[str(labelset_dir)], method=method,
+    # WCA keeps its own preset (60 crops, no refinement); BiFTA's grid makes 3 x 3 tiles, none of
+    # which overlaps another (all kept); the global methods take no crops at all
+    grid = method == "bifta-grid"
+    config = make_config(method_inputs, work / f"out-method-{method}", labels=[str(labelset_dir)],
+                         method="bifta" if grid else method, views="grid" if grid else None,
                          num_views=None, max_views=None)
     summary = _run(config)
     table = read_output(Path(config.out))
     assert table.num_rows == 3 and summary["ok"] == 3
-    expected_views = 60 if method == "wca" else 0
+    method = config.method
+    expected_views = {"wca": 60, "bifta": 9}.get(method, 0)
     for r in table.to_pylist():
         assert r["status"] == "ok" and r["method"] == method
         assert r["views_generated"] == expected_views and r["views_kept"] == expected_views
