@@ -65,6 +65,11 @@ def _known_architectures() -> list[str]:
     return open_clip.list_models()
 
 
+def is_weights_location(pretrained: str) -> bool:
+    """``--pretrained`` names weights by location (a file path or a URI), not an open_clip tag."""
+    return "://" in pretrained or _looks_like_path(pretrained)
+
+
 def _looks_like_path(value: str) -> bool:
     return (
         os.sep in value

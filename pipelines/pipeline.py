@@ -10,6 +10,7 @@ The driver holds shard names and counts, never a row.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -26,7 +27,7 @@ from bifta_core.errors import BiftaUserError, ConfigError
 from bifta_core.models import config_fingerprint, is_vit_architecture, model_preprocess, model_provenance
 from pipelines.encode import EncodeStage
 from pipelines.inputs import Listing, ListingOptions, build_listing, normalise_spec, plan_sources, read_listing, shards_stage
-from pipelines.label_set import bank_specs, load_label_sets, plan_label_sets, prepare_label_sets
+from pipelines.label_set import bank_specs, default_cache_dir, load_label_sets, plan_label_sets, prepare_label_sets
 from pipelines.plan import Resources, Stage, env_args, is_embedded, plan_resources, run_shards
 from pipelines.read import read_stage
 from pipelines.views import views_stage
@@ -84,6 +85,53 @@ def model_facts(config: LabelConfig, use_gpu: bool) -> dict[str, Any]:
     m = config.model
     return {"label_set_identity": label_set_identity(config), "provenance": model_provenance_of(config, use_gpu),
             "preprocess": model_preprocess(m.model, m.pretrained), "is_vit": is_vit_architecture(m.model)}
+
+
+#: Bump when what :func:`model_facts` returns changes shape or meaning (old cached facts are then ignored).
+FACTS_FORMAT = 1
+
+
+def _facts_cache_path(config: LabelConfig, use_gpu: bool) -> str | None:
+    """Where the facts of an open_clip tag (or random weights) are cached, next to the label-set
+    cache; None for weights from a file or URI (their identity follows the file) or with no cache."""
+    from importlib.metadata import version
+
+    from bifta_core.models import is_weights_location
+
+    m = config.model
+    if config.labelset_cache == "" or m.cache_dir or is_weights_location(m.pretrained):
+        return None
+    bundled = os.path.join(os.path.dirname(__file__), "..", "bifta_core", "model_configs", f"{m.model}.json")
+    key = config_fingerprint({
+        "format": FACTS_FORMAT, "model": m.model, "pretrained": m.pretrained, "quick_gelu": m.quick_gelu,
+        "precision": m.precision, "use_gpu": use_gpu, "open_clip": version("open_clip_torch"),
+        "bundled_config": open(bundled, encoding="utf-8").read() if os.path.exists(bundled) else None,
+    })
+    return os.path.join(config.labelset_cache or default_cache_dir(), "facts", f"{key}.json")
+
+
+def cached_model_facts(config: LabelConfig, use_gpu: bool, env: dict[str, str]) -> dict[str, Any]:
+    """:func:`model_facts` from the cache when this model was inspected before (a fresh run then
+    starts its workers without a model-inspection task competing with the listing), else from a
+    Ray task, cached for the next run."""
+    import json
+
+    path = _facts_cache_path(config, use_gpu)
+    if path and os.path.exists(path):
+        try:
+            with open(path, encoding="utf-8") as fh:
+                return json.load(fh)
+        except (OSError, ValueError):
+            pass  # a torn or unreadable entry is recomputed below
+    facts = ray.get(ray.remote(model_facts).options(num_cpus=0, **env_args(env, gpu=False)).remote(config, use_gpu))
+    if path:
+        with contextlib.suppress(OSError):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.{os.getpid()}.tmp"
+            with open(tmp, "w", encoding="utf-8") as fh:
+                json.dump(facts, fh)
+            os.replace(tmp, path)
+    return facts
 
 
 def preset_record(config: LabelConfig) -> dict[str, Any]:
@@ -188,8 +236,7 @@ def run_label_job(config: LabelConfig, *, on_progress: Callable[[dict], None] | 
         if listing is None and read_json(config.out, RUN_FILE) is None:
             listing = _Background(_build_listing, config, env, sources)
         res = plan_resources(config, ray.cluster_resources(), embedded=is_embedded())
-        facts = ray.get(ray.remote(model_facts).options(num_cpus=0, **env_args(env, gpu=False))
-                        .remote(config, res.use_gpu))
+        facts = cached_model_facts(config, res.use_gpu, env)
         if config.pgs_keep is not None and not facts["is_vit"]:
             raise ConfigError(f"--pgs-keep needs a ViT image tower; {config.model.model} is not supported by CLIP-PGS")
         plan = plan_label_sets(config, loaded, identity=facts["label_set_identity"])

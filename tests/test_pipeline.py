@@ -13,6 +13,8 @@ user-error exits (which fail before Ray starts) and kill-and-resume.
 from __future__ import annotations
 
 import csv
+import dataclasses
+import json
 import logging
 import math
 import os
@@ -499,3 +501,24 @@ def test_batches_of_only_errors_mix_with_batches_of_only_good_images(ray_local, 
     assert summary["errors"] == 2 and summary["ok"] == 2
     assert rows.num_rows == 4
     assert sorted(rows.column("status").to_pylist()) == ["error", "error", "ok", "ok"]
+
+
+def test_model_facts_of_a_tag_are_cached_next_to_the_label_sets(ray_local, work: Path, tiny_vit_checkpoint: Path,
+                                                                 monkeypatch) -> None:
+    import pipelines.pipeline as pp
+
+    config = LabelConfig(input="x", labels=["a,b"], out="o", labelset_cache=str(work / "facts-cache"),
+                         model=ModelConfig(model="bifta-tiny-vit", pretrained="random", device="cpu"))
+    first = pp.cached_model_facts(config, False, {})
+    assert list((work / "facts-cache" / "facts").glob("*.json"))
+
+    def no_task(*args, **kwargs):
+        raise AssertionError("cached facts must not start a task")
+
+    monkeypatch.setattr(pp.ray, "remote", no_task)
+    assert pp.cached_model_facts(config, False, {}) == json.loads(json.dumps(first))
+    # Weights from a file are inspected every time (their identity follows the file), as is a run without a cache.
+    on_file = dataclasses.replace(config, model=ModelConfig(model="bifta-tiny-vit", pretrained=str(tiny_vit_checkpoint)))
+    assert pp._facts_cache_path(on_file, False) is None
+    assert pp._facts_cache_path(dataclasses.replace(config, labelset_cache=""), False) is None
+    assert pp._facts_cache_path(config, True) != pp._facts_cache_path(config, False)
