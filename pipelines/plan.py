@@ -260,15 +260,13 @@ def _run_pass(out: str, todo: list[tuple[str, int]], stages: Sequence[Stage], n_
     """One pass with fresh writers → shards left incomplete."""
     import ray
 
-    from pipelines.write import ShardWriter, finished_shards, write_stage, writer_for
+    from pipelines.write import PASS_FILE, ShardWriter, finished_shards, write_json, write_stage
 
-    owned: list[dict[str, int]] = [{} for _ in range(n_writers)]
-    for shard, n in todo:
-        owned[writer_for(shard, n_writers)][shard] = n
+    write_json(out, PASS_FILE, {"shards": dict(todo)})
     # Writers reserve no CPU: they wait on batches and spend a moment per shard publishing it.
     actor = ray.remote(ShardWriter).options(num_cpus=0, max_restarts=2, max_task_retries=2,
                                             scheduling_strategy="SPREAD", **env_args(env, gpu=False))
-    writers = [actor.remote(out, schema, owned[w], file_metadata=file_metadata, finalize=finalize,
+    writers = [actor.remote(out, schema, writer=(w, n_writers), file_metadata=file_metadata, finalize=finalize,
                             rows_per_input=rows_per_input) for w in range(n_writers)]
     try:
         configure_data_context()

@@ -45,6 +45,9 @@ LAYOUT_VERSION = 2
 PART_PREFIX = "part-"
 RUN_FILE = "_bifta_run.json"
 SUMMARY_FILE = "_bifta_summary.json"
+#: The shards of the current pass and their input counts, saved by the driver for its writers: a
+#: writer reads its share at start (and again if Ray restarts it), so no large argument is pinned.
+PASS_FILE = "_bifta_pass.json"
 STATS_KEY = b"bifta.shard"
 SHARD_COLUMN = "shard"
 ROUTE_BATCH_ROWS = 1024
@@ -154,11 +157,15 @@ class ShardWriter:
     Python + Arrow: the pipeline runs it as a Ray actor, tests call it directly.
     """
 
-    def __init__(self, out: str, schema: pa.Schema, expected: dict[str, int], *,
-                 file_metadata: dict[str, str] | None = None,
+    def __init__(self, out: str, schema: pa.Schema, expected: dict[str, int] | None = None, *,
+                 writer: tuple[int, int] | None = None, file_metadata: dict[str, str] | None = None,
                  finalize: Callable[[pa.Table], pa.Table] | None = None, rows_per_input: int = 1) -> None:
         self.out = out
         self.schema = schema
+        if expected is None:  # writer (i, n): its shards of the pass plan the driver saved under ``out``
+            i, n = writer or (0, 1)
+            plan = read_json(out, PASS_FILE) or {}
+            expected = {s: c for s, c in plan.get("shards", {}).items() if writer_for(s, n) == i}
         self.expected = dict(expected)
         self.file_metadata = {k.encode(): v.encode() for k, v in (file_metadata or {}).items()}
         self._tables: dict[str, list[pa.Table]] = {}
