@@ -169,17 +169,20 @@ class EmbedStage:
         pgs_keep: float | None,
         pgs_whole_image: bool,
         torch_threads: int | None = None,
+        start_gate: Any = None,
     ) -> None:
         if torch_threads:
             torch.set_num_threads(torch_threads)
         import ray
 
         from pipelines.encode import load_gpu_checked_model
+        from pipelines.plan import open_start_gate
 
         self.model = load_gpu_checked_model(model_cfg, ray.get_gpu_ids() if ray.is_initialized() else [])
         self.presets = list(presets)
         self.encoder = ViewEncoder(self.model, view_batch_size=view_batch_size, seed=seed, pgs_keep=pgs_keep,
                                    pgs_whole_image=pgs_whole_image)
+        open_start_gate(start_gate)  # the model is loaded: the plan's first stage may start reading
 
     def _views(self, batch: dict[str, np.ndarray], preset: str, ok: list[int], ids: list[str]) -> list[tuple]:
         """→ per ok image ``(view embeddings [n, D] in sampling order, kept flags)``."""

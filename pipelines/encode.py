@@ -9,7 +9,7 @@ label set happens here too (``pipelines.score``), so embeddings never leave the 
 from __future__ import annotations
 
 import os
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -155,8 +155,11 @@ class EncodeStage:
         run_id: str,
         schema: pa.Schema,
         torch_threads: int | None = None,
+        start_gate: Any = None,
     ) -> None:
         import ray
+
+        from pipelines.plan import open_start_gate
 
         self.schema = schema
         if torch_threads:
@@ -172,6 +175,7 @@ class EncodeStage:
                              k=top_k, with_explanations=explain, device=self.model.device)
         self.ctx = RowContext(method=method, model=self.model.model_name, pretrained=self.model.pretrained,
                               run_id=run_id, random_weights=self.model.is_random)
+        open_start_gate(start_gate)  # the model is loaded: the plan's first stage may start reading
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         n = len(batch["image_id"])

@@ -469,7 +469,8 @@ def build_listing(spec: str, out: str, options: ListingOptions, *, limit: int | 
                         sum(n for _, n in shards), len(shards), last - started)
     if not shards:
         raise InputError(f"no images found in {spec} (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
-    check = ray.remote(duplicate_hashes).options(num_cpus=0.5, **(remote or {}))
+    # A whole core each: the listing's workers (one per core) take them, no new worker has to start.
+    check = ray.remote(duplicate_hashes).options(num_cpus=1, **(remote or {}))
     dup_refs = [check.remote(*[r[1 + b] for r in refs]) for b in range(DUP_BUCKETS)]
     dups = np.concatenate([ray.get(d) for d in dup_refs])
     del refs, dup_refs  # the hash buckets leave the object store
@@ -495,8 +496,11 @@ __all__ = [
 ]
 
 
-def read_shards(batch: dict[str, Any], out: str, has_truth: bool) -> pa.Table:
+def read_shards(batch: dict[str, Any], out: str, has_truth: bool, start_gate: Any = None) -> pa.Table:
     """Plan's first stage: shard names → their input rows, each tagged with its ``shard``."""
+    from pipelines.plan import pass_start_gate
+
+    pass_start_gate(start_gate)
     tables = []
     for shard, rows in zip(batch["shard"], batch["rows"]):
         table = read_shard_inputs(out, str(shard), int(rows))
@@ -512,7 +516,7 @@ def shards_stage(out: str, has_truth: bool) -> Stage:
     from pipelines.plan import Stage
 
     return Stage("shards", read_shards, batch_size=1, num_cpus=0.1, concurrency=1,
-                 fn_kwargs={"out": out, "has_truth": has_truth})
+                 fn_kwargs={"out": out, "has_truth": has_truth}, start_gate="wait")
 
 
 def distinct_true_labels(out: str, sources: list[int]) -> list[str | None]:

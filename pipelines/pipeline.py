@@ -57,7 +57,10 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     kwargs: dict[str, Any] = dict(address=address or "local", ignore_reinit_error=True,
                                   logging_level=logging.WARNING)
     if address is None:
-        kwargs.update(num_cpus=num_cpus, include_dashboard=False)
+        # Idle workers live 30 s (Ray's default is 1 s): the plan's first tasks then reuse the
+        # listing's workers instead of starting new ones while the actors load their models.
+        kwargs.update(num_cpus=num_cpus, include_dashboard=False,
+                      _system_config={"idle_worker_killing_time_threshold_ms": 30_000})
     ray.init(**kwargs)
 
 
@@ -365,5 +368,5 @@ def encode_stage(config: LabelConfig, res: Resources, constructor_kwargs: dict[s
     """Encode actors: one GPU each on a GPU plan (a fixed pool: the model loads once per actor), else
     CPU actors sharing the machine's cores through ``torch_threads``."""
     return Stage(name, cls, batch_size=config.batch_size, num_cpus=1.0, num_gpus=1.0 if res.use_gpu else 0.0,
-                 actors=(res.encoders, res.encoders), gpu_visible=res.use_gpu,
+                 actors=(res.encoders, res.encoders), gpu_visible=res.use_gpu, start_gate="open",
                  constructor_kwargs=dict(constructor_kwargs, torch_threads=res.torch_threads))

@@ -49,6 +49,56 @@ class Stage:
     fn_kwargs: dict[str, Any] = field(default_factory=dict)
     constructor_kwargs: dict[str, Any] = field(default_factory=dict)
     gpu_visible: bool = False  # stages that reserve no GPU must not see one (Ray 2.60 no longer hides them)
+    start_gate: str | None = None  # "wait": its function waits for the gate; "open": its actors open it
+
+
+class StartGate:
+    """Holds a plan's first stage until an encoder has loaded its model (an embedded run only).
+
+    On a few cores, stages reading ahead while the actors import torch and load weights only slow
+    that start-up down; held, the actors of every pool start together and the first tasks' worker
+    processes boot meanwhile. An async Ray actor: ``wait`` calls wait together, ``open`` is idempotent
+    (a restarted encoder opens it again). Without an ``open`` the wait ends after ``timeout_s``.
+    """
+
+    def __init__(self) -> None:
+        import asyncio
+
+        self._opened = asyncio.Event()
+
+    async def open(self) -> None:
+        self._opened.set()
+
+    async def wait(self, timeout_s: float) -> bool:
+        import asyncio
+
+        try:
+            await asyncio.wait_for(self._opened.wait(), timeout_s)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+
+#: How long the first stage waits for an encoder before it starts anyway (slow weight downloads).
+START_GATE_TIMEOUT_S = 600.0
+_gate_passed = False  # per worker process: once through, later batches do not ask again
+
+
+def pass_start_gate(gate: Any) -> None:
+    """In a ``wait`` stage: block until the gate opens (once per worker process)."""
+    global _gate_passed
+    if gate is None or _gate_passed:
+        return
+    import ray
+
+    ray.get(gate.wait.remote(START_GATE_TIMEOUT_S))
+    _gate_passed = True
+
+
+def open_start_gate(gate: Any) -> None:
+    """In an ``open`` stage's ``__init__``, once the model is loaded."""
+    if gate is not None:
+        gate.open.remote()
 
 
 @dataclass(frozen=True)
@@ -254,6 +304,16 @@ def run_shards(out: str, todo: list[tuple[str, int]], stages: Sequence[Stage], *
     return totals
 
 
+def _with_gate(stage: Stage, gate: Any) -> Stage:
+    import dataclasses
+
+    if stage.start_gate == "wait":
+        return dataclasses.replace(stage, fn_kwargs={**stage.fn_kwargs, "start_gate": gate})
+    if stage.start_gate == "open":
+        return dataclasses.replace(stage, constructor_kwargs={**stage.constructor_kwargs, "start_gate": gate})
+    return stage
+
+
 def _run_pass(out: str, todo: list[tuple[str, int]], stages: Sequence[Stage], n_writers: int, schema: Any,
               env: dict[str, str], file_metadata: dict[str, str], totals: ShardTotals, on_progress,
               total: int, started: float, finalize: Callable[[Any], Any] | None, rows_per_input: int) -> set[str]:
@@ -262,12 +322,17 @@ def _run_pass(out: str, todo: list[tuple[str, int]], stages: Sequence[Stage], n_
 
     from pipelines.write import PASS_FILE, ShardWriter, finished_shards, write_json, write_stage
 
-    write_json(out, PASS_FILE, {"shards": dict(todo)})
+    write_json(out, PASS_FILE, {"shards": dict(todo)}, compact=True)  # machine-read, up to ~10^5 shards
     # Writers reserve no CPU: they wait on batches and spend a moment per shard publishing it.
     actor = ray.remote(ShardWriter).options(num_cpus=0, max_restarts=2, max_task_retries=2,
                                             scheduling_strategy="SPREAD", **env_args(env, gpu=False))
     writers = [actor.remote(out, schema, writer=(w, n_writers), file_metadata=file_metadata, finalize=finalize,
                             rows_per_input=rows_per_input) for w in range(n_writers)]
+    # An embedded run holds its first stage until an encoder is up (see StartGate); a cluster's
+    # GPU nodes may take minutes to come up, and reading ahead meanwhile costs it nothing.
+    gated = {"wait", "open"} <= {s.start_gate for s in stages}  # something waits, and something opens
+    gate = ray.remote(StartGate).options(num_cpus=0).remote() if gated and is_embedded() else None
+    stages = [_with_gate(stage, gate) for stage in stages]
     try:
         configure_data_context()
         import pyarrow as pa

@@ -130,9 +130,11 @@ def read_json(out: str, name: str) -> dict[str, Any] | None:
     return json.loads(storage.read_bytes(path).decode("utf-8"))
 
 
-def write_json(out: str, name: str, payload: dict[str, Any]) -> str:
+def write_json(out: str, name: str, payload: dict[str, Any], *, compact: bool = False) -> str:
     path = storage.join(out, name)
-    storage.write_bytes_atomic(path, json.dumps(payload, indent=2, sort_keys=True, default=str).encode("utf-8"))
+    text = json.dumps(payload, separators=(",", ":"), default=str) if compact else \
+        json.dumps(payload, indent=2, sort_keys=True, default=str)
+    storage.write_bytes_atomic(path, text.encode("utf-8"))
     return path
 
 

@@ -464,3 +464,19 @@ def test_shard_blocks_put_the_first_shards_alone_and_cap_the_rest():
     assert max(sizes) - min(sizes) <= 1
     assert [item for block in blocks for item in block] == todo  # every shard once, in order
     assert shard_blocks(todo[:2], early=3, max_blocks=7) == [[todo[0]], [todo[1]]]
+
+
+def test_start_gate_holds_waiters_until_opened_and_times_out(ray_local) -> None:
+    import ray
+
+    from pipelines.plan import StartGate
+
+    gate = ray.remote(StartGate).options(num_cpus=0).remote()
+    assert ray.get(gate.wait.remote(0.2)) is False  # nobody opened it: the wait ends by its timeout
+    waiter = gate.wait.remote(30.0)
+    ready, _ = ray.wait([waiter], timeout=0.5)
+    assert not ready  # still held
+    gate.open.remote()
+    assert ray.get(waiter, timeout=10) is True
+    gate.open.remote()  # a restarted encoder opens it again: harmless
+    assert ray.get(gate.wait.remote(0.1)) is True
