@@ -562,3 +562,19 @@ def test_bad_flags_are_one_error_line_before_any_work(flags: list[str], message:
         rc = exc.code
     assert rc == 2
     assert message in _one_error_line(capsys)
+
+
+def test_report_echoes_a_released_preset(evaluated: Path) -> None:
+    from bifta_core.config import LabelConfig
+    from bifta_core.eval_report import render_report
+    from pipelines.pipeline import preset_record
+
+    context = {"model": "m", "pretrained": "random", "label_set": "l", "classes": 4, "images": N_IMAGES,
+               **preset_record(LabelConfig(preset="bifta-cub"))}
+    files = render_report(pl.read_parquet(evaluated / "metrics.parquet"), pl.read_parquet(evaluated / "per_class.parquet"),
+                          pl.read_parquet(evaluated / "predictions.parquet"), context)
+    report = files["report.md"].decode("utf-8")
+    assert "- preset: `bifta-cub` (tmlr-group/BiFTA configs/cub.yaml + main.py" in report
+    assert "num_views 300" in report and "bifta0.99_top50" in report  # values and the released-code note
+    rows = pl.read_parquet(evaluated / "metrics.parquet")["method"].to_list()
+    assert {"waffle", "wca-grid", "bifta-grid"} <= set(rows)
