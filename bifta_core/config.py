@@ -87,7 +87,8 @@ class LabelConfig:
 
     def __post_init__(self) -> None:
         if self.method is None:  # a released preset names its method
-            self.method = PRESETS[self.preset].method if self.preset in PRESETS else "bifta"
+            known = isinstance(self.preset, str) and self.preset in PRESETS
+            self.method = PRESETS[self.preset].method if known else "bifta"
 
     # ------------------------------------------------------------------ resolution
     @property
@@ -146,7 +147,7 @@ class LabelConfig:
         if self.method not in METHODS:
             raise ConfigError(f"--method must be one of {', '.join(METHOD_NAMES)}, got '{self.method}'")
         if self.preset is not None:
-            if self.preset not in PRESETS:
+            if not isinstance(self.preset, str) or self.preset not in PRESETS:
                 raise ConfigError(f"unknown --preset '{self.preset}'; `bifta presets` lists them: {', '.join(preset_names())}")
             if PRESETS[self.preset].method != self.method:
                 raise ConfigError(f"--preset {self.preset} is a setting of --method {PRESETS[self.preset].method}, "
@@ -155,13 +156,18 @@ class LabelConfig:
             raise ConfigError(f"--views must be one of {', '.join(VIEW_GENERATORS)}, got '{self.views}'")
         if self.views == "grid":
             if not self.uses_views:
-                raise ConfigError(f"--views grid needs a method that scores views (wca, bifta), not {self.method}")
-            if self.num_views is not None or self.scale is not None:
-                raise ConfigError("--views grid makes --grid × --grid tiles: --num-views and --scale do not apply")
+                view_methods = ", ".join(m.name for m in METHODS.values() if m.uses_views)
+                raise ConfigError(f"--views grid needs a method that scores views ({view_methods}), not {self.method}")
+            if self.num_views is not None or self.scale is not None or self.max_views is not None:
+                raise ConfigError("--views grid makes --grid × --grid tiles: --num-views, --max-views and --scale "
+                                  "do not apply")
         if isinstance(self.grid, bool) or not isinstance(self.grid, int) or not 1 <= self.grid <= 16:
             raise ConfigError(f"--grid must be an integer from 1 to 16, got {self.grid!r}")
-        if self.waffle_words is not None and (not isinstance(self.waffle_words, str) or not self.waffle_words):
-            raise ConfigError(f"--waffle-words must be a file path, got {self.waffle_words!r}")
+        if self.waffle_words is not None:
+            if not isinstance(self.waffle_words, str) or not self.waffle_words:
+                raise ConfigError(f"--waffle-words must be a file path, got {self.waffle_words!r}")
+            if "://" not in self.waffle_words:  # the label-set task may run in another working directory
+                self.waffle_words = os.path.abspath(os.path.expanduser(self.waffle_words))
         if self.aggregation not in AGGREGATIONS:
             raise ConfigError(f"--aggregation must be one of {', '.join(AGGREGATIONS)}, got '{self.aggregation}'")
         _positive("--num-views", self.num_views)
@@ -251,6 +257,11 @@ class LabelConfig:
     @classmethod
     def from_file(cls, path: str) -> "LabelConfig":
         """Read a YAML or JSON config file."""
+        return cls.from_dict(cls.read_file(path))
+
+    @staticmethod
+    def read_file(path: str) -> Any:
+        """The plain data of a YAML or JSON config file (unresolved: no defaults filled in)."""
         if not os.path.isfile(path):
             raise ConfigError(f"config file not found: {path}")
         with open(path, encoding="utf-8") as fh:
@@ -264,7 +275,7 @@ class LabelConfig:
                 data = yaml.safe_load(text) or {}
         except Exception as exc:  # yaml and json raise different types; both are user errors here
             raise ConfigError(f"cannot parse config file {path}: {str(exc).splitlines()[0]}") from None
-        return cls.from_dict(data)
+        return data
 
 
 def parse_scale(value: Any) -> tuple[float, float]:

@@ -51,7 +51,7 @@ def _bifta(dataset: str, cfg: str, views: int, backbone: str = "ViT-B-32 / opena
            scale: tuple[float, float] = (0.5, 0.9), iou: float = 0.85, cap: int = 100,
            notes: tuple[str, ...] = ()) -> Preset:
     return Preset(f"bifta-{dataset}", "bifta", dataset, f"tmlr-group/BiFTA configs/{cfg}.yaml + main.py",
-                  ViewPreset("bifta", scale, views, iou, min(cap, views)), backbone, (*notes, _BIFTA_DESC_NOTE))
+                  ViewPreset("bifta", scale, views, iou, cap), backbone, (*notes, _BIFTA_DESC_NOTE))
 
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (

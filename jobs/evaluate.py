@@ -97,8 +97,7 @@ def config_from_args(args: argparse.Namespace) -> LabelConfig:
         input=args.input or args.from_embeddings or "",
         labels=[args.labels],
         out=args.out,
-        # only resolves view presets, which evaluate does per preset (pipelines.embed.view_presets)
-        method=PRESETS[given["preset"]].method if given.get("preset") in PRESETS else "bifta",
+        method=None,  # only resolves view presets (the --preset's method, else bifta); evaluate scores all
         model=model,
     )
     return LabelConfig.from_dict(data)
@@ -129,7 +128,9 @@ def _check_saved(config: LabelConfig, args: argparse.Namespace, meta: dict[str, 
 
         from pipelines.embed import view_presets
 
-        saved = {name: dict(v, scale=list(v.get("scale", []))) for name, v in (meta.get("views") or {}).items()}
+        # Embeddings saved before grid views existed hold random views without the generator fields.
+        saved = {name: {"generator": "random", "grid": 3, **v, "scale": list(v.get("scale", []))}
+                 for name, v in (meta.get("views") or {}).items()}
         asked = {name: dict(dataclasses.asdict(v), scale=list(v.scale))
                  for name, v in view_presets(config, list(saved)).items()}
         mismatch = saved != asked or config.seed != meta.get("seed") or config.pgs_keep != meta.get("pgs_keep") \

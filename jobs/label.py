@@ -17,7 +17,7 @@ from typing import Any
 
 from bifta_core.config import LabelConfig, parse_scale
 from bifta_core.errors import ConfigError
-from bifta_core.methods import METHOD_NAMES
+from bifta_core.methods import METHOD_NAMES, VIEW_GENERATORS
 
 EXIT_USER_ERROR = 2
 
@@ -90,7 +90,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="scoring method (default: the --preset's, else bifta)")
     parser.add_argument("--config", default=None, help="YAML/JSON config file; flags override it")
     add_model_arguments(parser)
-    parser.add_argument("--views", choices=["random", "grid"], default=s,
+    parser.add_argument("--views", choices=VIEW_GENERATORS, default=s,
                         help="random crops (default) or BiFTA's grid of --grid x --grid tiles (wca, bifta)")
     e = parser.add_argument_group("execution")
     e.add_argument("--batch-size", type=int, default=s, help="images per encode batch (8)")
@@ -121,15 +121,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> LabelConfig:
-    """Config file (if any) overlaid with the flags that were given."""
-    base = LabelConfig.from_file(args.config) if getattr(args, "config", None) else LabelConfig()
-    data = base.to_dict()
+    """Config file (if any) overlaid with the flags that were given; what neither sets keeps its
+    default (so a ``--preset`` still picks the method when no ``--method`` is given)."""
+    data = LabelConfig.read_file(args.config) if getattr(args, "config", None) else {}
+    if not isinstance(data, dict):
+        raise ConfigError("a config file must hold a mapping of option names to values")
+    data = dict(data)
+    model = data.get("model") or {}
+    model = dict(model) if isinstance(model, dict) else {"model": model}
     given: dict[str, Any] = {k: v for k, v in vars(args).items() if k not in ("config", "quiet", "command", "func")}
     for key, value in given.items():
         if key in _MODEL_FIELDS:
-            data["model"]["cache_dir" if key == "model_cache_dir" else key] = value
+            model["cache_dir" if key == "model_cache_dir" else key] = value
         else:
             data[key] = value
+    if model:
+        data["model"] = model
     return LabelConfig.from_dict(data)
 
 

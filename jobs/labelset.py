@@ -11,27 +11,35 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
+from bifta_core.errors import LabelSetError
 from bifta_core.labelset_artifact import save_artifact
 from bifta_core.labelsets import LabelSet, load_label_set
+from bifta_core.methods import METHODS
 from bifta_core.models import load_model, text_precision
 from bifta_core.text_banks import BankSpec, build_label_set_embeddings
 
 logger = logging.getLogger("bifta.labelset")
 
 
-def available_specs(label_set: LabelSet, threshold: float, top_k: int) -> list[BankSpec]:
-    """A bank for every method the label set supports, so one artifact serves any ``--method``."""
-    specs = [BankSpec("clip-e")]
-    if label_set.descriptors is not None:
-        specs.append(BankSpec("clip-d"))
-    if label_set.sentences is not None or label_set.is_plain_list:
-        specs += [
-            BankSpec("cupl"),
-            BankSpec("wca"),
-            BankSpec("bifta", refine=True, threshold=threshold, top_k=top_k),
-        ]
+def available_specs(label_set: LabelSet, threshold: float, top_k: int, *, seed: int = 0,
+                    waffle_words: str | None = None) -> list[BankSpec]:
+    """A bank for every method of :data:`bifta_core.methods.METHODS` the label set supports, so one
+    artifact serves any ``--method`` (WaffleCLIP's texts drawn from ``seed`` and ``waffle_words``)."""
+    specs = []
+    for m in METHODS.values():
+        if m.texts == "class prompt":
+            continue  # scored by the class prompts every artifact holds
+        try:
+            label_set.require(m.name)
+        except LabelSetError:
+            continue
+        waffle = m.texts == "waffle"
+        refine = dict(threshold=threshold, top_k=top_k) if m.refine else {}
+        specs.append(BankSpec(m.name, refine=m.refine, waffle_seed=seed if waffle else None,
+                              waffle_words=waffle_words if waffle else None, **refine))
     return specs
 
 
@@ -50,6 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     b.add_argument("--desc-threshold", type=float, default=0.99)
     b.add_argument("--desc-top-k", type=int, default=50)
     b.add_argument("--text-scale", type=float, default=2.0)
+    b.add_argument("--seed", type=int, default=0, help="seed of the WaffleCLIP texts (as bifta label --seed)")
+    b.add_argument("--waffle-words", default=None, help="WaffleCLIP word list (default: the bundled list)")
     b.add_argument("--merge-duplicate-classes", action="store_true")
     b.add_argument("--quiet", action="store_true")
 
@@ -62,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
     # Texts in the precision a labelling run's label-set stage uses (auto → fp32), same activation rules.
     model = load_model(args.model, args.pretrained, device=args.device, precision=text_precision(args.precision),
                        quick_gelu=args.quick_gelu)
-    specs = available_specs(label_set, args.desc_threshold, args.desc_top_k)
+    words = args.waffle_words if args.waffle_words is None or "://" in args.waffle_words else os.path.abspath(args.waffle_words)
+    specs = available_specs(label_set, args.desc_threshold, args.desc_top_k, seed=args.seed, waffle_words=words)
     emb = build_label_set_embeddings(label_set, model, specs, text_scale=args.text_scale)
     written = save_artifact(emb, args.out)
     banks = ", ".join(f"{k} ({len(b.texts)} texts)" for k, b in emb.banks.items())

@@ -214,8 +214,6 @@ def run_evaluation(
         sources = sorted({int(s.split("-")[0]) for s, _ in listing.shards})
         labels = ray.get(ray.remote(distinct_true_labels).options(**env_args(env, gpu=False)).remote(emb_dir, sources))
         map_labels(labels, label_set.classes, label_set.synonyms, label_set.name)
-        meta = embeddings_meta(config, presets, model_embed_dim(config.model.model))
-        stages = eval_stages(config, res, presets=presets, model_cfg=mcfg, out=emb_dir)
         dim = model_embed_dim(config.model.model)
         meta = embeddings_meta(config, presets, dim)
         stages = eval_stages(config, res, presets=presets, model_cfg=mcfg, out=emb_dir)

@@ -180,7 +180,8 @@ def _artifact(path: str, config: LabelConfig, identity: str, specs: list[BankSpe
         if spec.key not in emb.banks:
             raise LabelSetError(
                 f"label-set artifact {path} has no '{spec.key}' descriptions (it has {sorted(emb.banks) or 'none'}); "
-                f"rebuild it with --method {config.method}"
+                f"its label set lacks the file --method {config.method} needs, or the artifact predates it: "
+                "rebuild it with `bifta labelset build`"
             )
         have = built.get(spec.key)
         if spec.refine and have is not None and (have.threshold, have.top_k) != (spec.threshold, spec.top_k):

@@ -97,18 +97,30 @@ FACTS_FORMAT = 1
 def _facts_cache_path(config: LabelConfig, use_gpu: bool) -> str | None:
     """Where the facts of an open_clip tag (or random weights) are cached, next to the label-set
     cache; None for weights from a file or URI (their identity follows the file) or with no cache."""
-    from importlib.metadata import version
+    import hashlib
+    from importlib.metadata import PackageNotFoundError, version
 
-    from bifta_core.models import is_weights_location
+    import bifta_core.models as models
 
     m = config.model
-    if config.labelset_cache == "" or m.cache_dir or is_weights_location(m.pretrained):
+    if config.labelset_cache == "" or m.cache_dir or models.is_weights_location(m.pretrained):
         return None
-    bundled = os.path.join(os.path.dirname(__file__), "..", "bifta_core", "model_configs", f"{m.model}.json")
+    try:
+        open_clip_version = version("open_clip_torch")
+    except PackageNotFoundError:
+        return None
+    # The facts are computed by bifta_core.models (and the architecture's bundled config, if any):
+    # a change to either is a new key, so no stale facts outlive the code that made them.
+    sources = [models.__file__, os.path.join(os.path.dirname(models.__file__), "model_configs",
+                                             f"{m.model.replace('/', '-')}.json")]
+    code = hashlib.sha256()
+    for source in sources:
+        if os.path.exists(source):
+            with open(source, "rb") as fh:
+                code.update(fh.read())
     key = config_fingerprint({
         "format": FACTS_FORMAT, "model": m.model, "pretrained": m.pretrained, "quick_gelu": m.quick_gelu,
-        "precision": m.precision, "use_gpu": use_gpu, "open_clip": version("open_clip_torch"),
-        "bundled_config": open(bundled, encoding="utf-8").read() if os.path.exists(bundled) else None,
+        "precision": m.precision, "use_gpu": use_gpu, "open_clip": open_clip_version, "code": code.hexdigest(),
     })
     return os.path.join(config.labelset_cache or default_cache_dir(), "facts", f"{key}.json")
 
@@ -287,11 +299,11 @@ def _run(config: LabelConfig, started: float, on_progress, plan, run_id: str,
     mcfg = model_config(config)
     label_sets = prepare_label_sets(config, mcfg, num_gpus=1 if res.use_gpu else 0, plan=plan,
                                     remote=env_args(env, gpu=res.use_gpu))
+    if isinstance(listing, _Background):  # joined before the run file: a bad INPUT leaves no run behind
+        listing = listing.result()
     write_json(config.out, RUN_FILE, {"run_id": run_id, "layout": LAYOUT_VERSION, "config": config.to_dict(),
                                       "model": facts["provenance"], **preset_record(config)})
-    if isinstance(listing, _Background):
-        listing = listing.result()
-    elif listing is None:
+    if listing is None:
         listing = _build_listing(config, env, sources)
     sizes = dict(listing.shards)
     done = finished_shards(config.out) & set(sizes)

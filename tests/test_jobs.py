@@ -53,7 +53,8 @@ def test_labelset_build_writes_every_supported_bank(tmp_path, capsys):
     assert rc == 0
     emb = load_artifact(str(artifact))
     assert emb.name == "example" and emb.num_classes == 10
-    assert set(emb.banks) == {"clip-e", "clip-d", "cupl", "wca", "bifta"}
+    assert set(emb.banks) == {"clip-e", "clip-d", "cupl", "waffle", "wca", "bifta"}
+    assert len(emb.banks["waffle"].texts) == 10 * 30  # 15 random-word + 15 random-character prompts a class
     assert emb.banks["clip-e"].desc_emb.shape[0] == 10 * 80  # default templates: no clip-e.json bundled
     assert "wrote" in capsys.readouterr().out
 

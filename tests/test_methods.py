@@ -207,8 +207,9 @@ def test_grid_boxes_are_the_released_tiles_and_all_survive_refinement(w: int, h:
 
 
 def test_grid_flags_are_checked() -> None:
-    with pytest.raises(ConfigError, match="--num-views and --scale"):
-        _config(method="bifta", views="grid", num_views=10)
+    for flag in ({"num_views": 10}, {"max_views": 4}, {"scale": (0.2, 0.4)}):
+        with pytest.raises(ConfigError, match="--num-views, --max-views and --scale"):
+            _config(method="bifta", views="grid", **flag)
     with pytest.raises(ConfigError, match="scores views"):
         _config(method="cupl", views="grid")
     with pytest.raises(ConfigError, match="--grid"):
@@ -273,3 +274,24 @@ def test_label_set_plain_list_still_labels_sentence_methods() -> None:
     with pytest.raises(LabelSetError, match="clip-d.json"):
         ls.texts_for("waffle")
     assert ls.require("cupl") == "sentences"
+
+
+def test_cli_preset_picks_its_method_unless_one_is_given(tmp_path) -> None:
+    from jobs.cli import build_parser
+    from jobs.label import config_from_args
+
+    parser = build_parser()
+    base = ["label", "imgs", "--labels", "a,b", "--out", "o"]
+    assert config_from_args(parser.parse_args([*base, "--preset", "wca-cub"])).method == "wca"
+    assert config_from_args(parser.parse_args([*base, "--preset", "bifta-cub"])).method == "bifta"
+    assert config_from_args(parser.parse_args(base)).method == "bifta"
+    explicit = config_from_args(parser.parse_args([*base, "--preset", "wca-cub", "--method", "bifta"]))
+    with pytest.raises(ConfigError, match="--method wca"):
+        explicit.validate()
+    # A config file's preset works the same; flags still override it.
+    (tmp_path / "c.yaml").write_text("preset: wca-dtd\nnum_views: 7\nmodel: ViT-B-16\n")
+    config = config_from_args(parser.parse_args([*base, "--config", str(tmp_path / "c.yaml"), "--seed", "5"]))
+    assert (config.method, config.view_preset().num_views, config.seed, config.model.model) == ("wca", 7, 5, "ViT-B-16")
+    (tmp_path / "bad.yaml").write_text("preset: [a, b]\n")
+    with pytest.raises(ConfigError, match="unknown --preset"):
+        config_from_args(parser.parse_args([*base, "--config", str(tmp_path / "bad.yaml")])).validate()
