@@ -124,7 +124,8 @@ def _label_set_embeddings(label_set: Path, work: Path, methods: list[str] | None
                          labelset_cache=str(work / "lscache"),
                          model=ModelConfig(model="bifta-tiny-vit", pretrained="random", device="cpu"))
     ls = load_eval_label_set(config)
-    emb, hit = prepare_eval_label_set(config, ls, bank_specs_for(select_methods(methods), 0.99, 3), model_config(config))
+    specs = bank_specs_for(select_methods(methods), 0.99, 3, waffle_seed=3)  # --seed 3 of VIEW_FLAGS
+    emb, hit = prepare_eval_label_set(config, ls, specs, model_config(config))
     assert hit, "the evaluation run should have cached the label set"
     return ls, emb
 
