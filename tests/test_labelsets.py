@@ -81,8 +81,10 @@ def test_published_label_sets_load_and_validate(dataset, descriptions_dir):
 @pytest.mark.parametrize("dataset", DATASETS)
 def test_published_texts_for_every_available_method(dataset, descriptions_dir):
     ls = _load_dataset(descriptions_dir, dataset)
-    available = [m for m in METHOD_NAMES if m != "clip-d" or ls.descriptors is not None]
+    available = [m for m in METHOD_NAMES if m not in ("clip-d", "waffle") or ls.descriptors is not None]
     assert set(available) >= {"clip", "clip-e", "cupl", "wca", "bifta"}
+    if ls.num_classes > 400:  # reproducing the releases' draws costs a word-list permutation per word (~15 s here)
+        available.remove("waffle")
     for method in available:
         texts = ls.texts_for(method)
         assert len(texts) == ls.num_classes, method
