@@ -100,7 +100,7 @@ class EvalMethod:
 def standard_methods() -> tuple[EvalMethod, ...]:
     """Every row an evaluation scores, in report order (see the module docstring): each method of
     :data:`bifta_core.methods.METHODS` as ``bifta label`` runs it, then the ablations."""
-    rows = [EvalMethod(m.name, m.name, m.name if m.texts != "class prompt" else None, "none", None, m.summary)
+    rows = [EvalMethod(m.name, m.name, m.name if m.has_bank else None, "none", None, m.summary)
             for m in METHODS.values() if not m.uses_views]
     for agg in ("normalized", "sum"):
         suffix = "" if agg == "normalized" else "/sum"
@@ -153,9 +153,8 @@ def bank_specs_for(methods: Sequence[EvalMethod], threshold: float = 0.99, top_k
     description weights); the others hold their method's texts (WaffleCLIP's drawn from ``waffle_seed``).
     """
     keys = list(dict.fromkeys(m.bank for m in methods if m.bank is not None))
-    return [BankSpec(method=k, refine=METHODS[k].refine, threshold=threshold, top_k=top_k,
-                     waffle_seed=waffle_seed if METHODS[k].texts == "waffle" else None,
-                     waffle_words=waffle_words if METHODS[k].texts == "waffle" else None) for k in keys]
+    return [BankSpec.of(k, refine=METHODS[k].refine, seed=waffle_seed, waffle_words=waffle_words,
+                        threshold=threshold, top_k=top_k) for k in keys]
 
 
 def usable_methods(label_set: LabelSet, methods: Sequence[EvalMethod]) -> tuple[list[EvalMethod], dict[str, str]]:

@@ -102,6 +102,11 @@ class Method:
         return self.views is not None
 
     @property
+    def has_bank(self) -> bool:
+        """It encodes texts of its own (a text bank); a ``class prompt`` method scores the prompts."""
+        return self.texts != "class prompt"
+
+    @property
     def weighted(self) -> bool:
         """Its text bank carries WCA description weights (WCA §3.2)."""
         return self.scorer == "wca"

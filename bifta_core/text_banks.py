@@ -44,6 +44,14 @@ class BankSpec:
             return self.method
         return f"{self.method}{'+refined' if self.refine else '-unrefined'}"
 
+    @classmethod
+    def of(cls, method: str, *, refine: bool, seed: int, waffle_words: str | None = None, **refinement) -> "BankSpec":
+        """The bank of ``method``: ``seed`` and ``waffle_words`` are kept only where its texts are
+        WaffleCLIP's (the one place that rule lives); ``refinement``: ``threshold``/``top_k``."""
+        waffle = METHODS[method].texts == "waffle"
+        return cls(method, refine=refine, waffle_seed=seed if waffle else None,
+                   waffle_words=waffle_words if waffle else None, **refinement)
+
     def identity(self) -> dict:
         """What the bank's texts depend on (for content hashes): the WaffleCLIP settings only where
         they apply (so other banks hash as before), with the word list by content."""

@@ -30,16 +30,14 @@ def available_specs(label_set: LabelSet, threshold: float, top_k: int, *, seed: 
     artifact serves any ``--method`` (WaffleCLIP's texts drawn from ``seed`` and ``waffle_words``)."""
     specs = []
     for m in METHODS.values():
-        if m.texts == "class prompt":
+        if not m.has_bank:
             continue  # scored by the class prompts every artifact holds
         try:
             label_set.require(m.name)
         except LabelSetError:
             continue
-        waffle = m.texts == "waffle"
-        refine = dict(threshold=threshold, top_k=top_k) if m.refine else {}
-        specs.append(BankSpec(m.name, refine=m.refine, waffle_seed=seed if waffle else None,
-                              waffle_words=waffle_words if waffle else None, **refine))
+        refinement = dict(threshold=threshold, top_k=top_k) if m.refine else {}
+        specs.append(BankSpec.of(m.name, refine=m.refine, seed=seed, waffle_words=waffle_words, **refinement))
     return specs
 
 

@@ -28,20 +28,10 @@ logger = logging.getLogger("bifta.label_set")
 
 def bank_specs(config: LabelConfig) -> list[BankSpec]:
     """The text banks a labelling run needs (a method scored by its class prompt needs none)."""
-    m = METHODS[config.method]
-    if m.texts == "class prompt":
+    if not METHODS[config.method].has_bank:
         return []
-    waffle = m.texts == "waffle"
-    return [
-        BankSpec(
-            method=config.method,
-            refine=config.refines_descriptions,
-            threshold=config.desc_threshold,
-            top_k=config.desc_top_k,
-            waffle_seed=config.seed if waffle else None,
-            waffle_words=config.waffle_words if waffle else None,
-        )
-    ]
+    return [BankSpec.of(config.method, refine=config.refines_descriptions, seed=config.seed,
+                        waffle_words=config.waffle_words, threshold=config.desc_threshold, top_k=config.desc_top_k)]
 
 
 def default_cache_dir() -> str:

@@ -175,7 +175,7 @@ def run_id_for(config: LabelConfig, label_set_hashes: list[str], provenance: dic
     payload = {k: getattr(config, k) for k in _ROW_FIELDS}
     payload.update(
         views=view_identity(config.view_preset()) if config.uses_views else None,
-        refine_descriptions=config.refines_descriptions if METHODS[config.method].texts != "class prompt" else None,
+        refine_descriptions=config.refines_descriptions if METHODS[config.method].has_bank else None,
         model={k: (provenance or model_provenance_of(config, False))[k]
                for k in ("model", "pretrained", "precision", "activation")},
         label_sets=label_set_hashes,
