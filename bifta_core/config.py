@@ -166,8 +166,9 @@ class LabelConfig:
         if self.waffle_words is not None:
             if not isinstance(self.waffle_words, str) or not self.waffle_words:
                 raise ConfigError(f"--waffle-words must be a file path, got {self.waffle_words!r}")
-            if "://" not in self.waffle_words:  # the label-set task may run in another working directory
-                self.waffle_words = os.path.abspath(os.path.expanduser(self.waffle_words))
+            from bifta_core.waffle import words_location
+
+            self.waffle_words = words_location(self.waffle_words)
         if self.aggregation not in AGGREGATIONS:
             raise ConfigError(f"--aggregation must be one of {', '.join(AGGREGATIONS)}, got '{self.aggregation}'")
         _positive("--num-views", self.num_views)

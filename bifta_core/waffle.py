@@ -54,6 +54,12 @@ class _RestrictedUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"a word list may hold only strings, not {module}.{name}")
 
 
+def words_location(path: str) -> str:
+    """Where the label-set stage finds ``path``: a URI as it is, a local path made absolute (that
+    stage may run in another working directory)."""
+    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+
+
 def load_words(path: str | None = None) -> list[str]:
     """Words from ``path`` (``.pkl`` list of strings as in WaffleCLIP, ``.json`` list, ``.txt``/``.txt.gz``
     one per line), or the bundled list. :class:`LabelSetError` for an unreadable or empty list."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
 from bifta_core.errors import LabelSetError
@@ -20,6 +19,7 @@ from bifta_core.labelsets import LabelSet, load_label_set
 from bifta_core.methods import METHODS
 from bifta_core.models import load_model, text_precision
 from bifta_core.text_banks import BankSpec, build_label_set_embeddings
+from bifta_core.waffle import words_location
 
 logger = logging.getLogger("bifta.labelset")
 
@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     # Texts in the precision a labelling run's label-set stage uses (auto → fp32), same activation rules.
     model = load_model(args.model, args.pretrained, device=args.device, precision=text_precision(args.precision),
                        quick_gelu=args.quick_gelu)
-    words = args.waffle_words if args.waffle_words is None or "://" in args.waffle_words else os.path.abspath(args.waffle_words)
+    words = words_location(args.waffle_words) if args.waffle_words else None
     specs = available_specs(label_set, args.desc_threshold, args.desc_top_k, seed=args.seed, waffle_words=words)
     emb = build_label_set_embeddings(label_set, model, specs, text_scale=args.text_scale)
     written = save_artifact(emb, args.out)

@@ -23,7 +23,7 @@ import ray
 
 from bifta_core.config import LabelConfig
 from bifta_core.methods import METHODS, ViewPreset
-from bifta_core.errors import BiftaUserError, ConfigError
+from bifta_core.errors import BiftaUserError, ConfigError, StorageError
 from bifta_core.models import config_fingerprint, is_vit_architecture, model_preprocess, model_provenance
 from pipelines.encode import EncodeStage
 from pipelines.inputs import Listing, ListingOptions, build_listing, normalise_spec, plan_sources, read_listing, shards_stage
@@ -129,23 +129,16 @@ def cached_model_facts(config: LabelConfig, use_gpu: bool, env: dict[str, str]) 
     """:func:`model_facts` from the cache when this model was inspected before (a fresh run then
     starts its workers without a model-inspection task competing with the listing), else from a
     Ray task, cached for the next run."""
-    import json
-
     path = _facts_cache_path(config, use_gpu)
-    if path and os.path.exists(path):
-        try:
-            with open(path, encoding="utf-8") as fh:
-                return json.load(fh)
-        except (OSError, ValueError):
-            pass  # a torn or unreadable entry is recomputed below
+    if path:
+        with contextlib.suppress(StorageError, ValueError):  # an unreadable entry is recomputed below
+            cached = read_json(*os.path.split(path))
+            if cached is not None:
+                return cached
     facts = ray.get(ray.remote(model_facts).options(num_cpus=0, **env_args(env, gpu=False)).remote(config, use_gpu))
     if path:
-        with contextlib.suppress(OSError):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.{os.getpid()}.tmp"
-            with open(tmp, "w", encoding="utf-8") as fh:
-                json.dump(facts, fh)
-            os.replace(tmp, path)
+        with contextlib.suppress(StorageError):  # a cache that cannot be written only costs the next run
+            write_json(*os.path.split(path), facts, compact=True)
     return facts
 
 
