@@ -18,6 +18,18 @@ pytest_plugins = ["tests.s3_server"]
 SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"
 
 
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray (2 CPUs) for a module's in-process runs, shut down after the module; a module
+    asks for it with ``pytestmark = pytest.mark.usefixtures("local_ray")``."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
 def _build_checkpoint(tmp_path_factory: pytest.TempPathFactory, arch: str) -> Path:
     from bifta_core.models import load_model, save_checkpoint
 

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-import ray
 
 from bifta_core.config import LabelConfig, ModelConfig
 from bifta_core.errors import ConfigError, LabelSetError
@@ -18,12 +17,8 @@ from pipelines.pipeline import run_label_job
 EXAMPLE = Path(demo.__file__).parent / "examples" / "labelset"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    yield
-    ray.shutdown()
+# One local Ray for the module's in-process runs (conftest.local_ray).
+pytestmark = pytest.mark.usefixtures("local_ray")
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-import ray
 import torch
 from PIL import Image
 
@@ -35,12 +34,8 @@ HUB_TOKENIZER_FAMILIES = {
 VIEWS = ["--num-views", "4", "--seed", "1"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    yield
-    ray.shutdown()
+# One local Ray for the module's in-process runs (conftest.local_ray).
+pytestmark = pytest.mark.usefixtures("local_ray")
 
 
 @pytest.fixture(scope="module")
@@ -182,6 +177,12 @@ def _wca_reference(model, pixels_whole, pixels_views, prompts, descriptions, ima
     def cos(a, b):
         return float(unit(a) @ unit(b))
 
+    def weighted_sum(vectors, anchor, scale):  # Σ softmax(e^scale · cos(x, anchor)) · unit(x)
+        logits = [math.exp(scale) * cos(x, anchor) for x in vectors]
+        top = max(logits)
+        w = [math.exp(x - top) for x in logits]
+        return sum(wi / sum(w) * unit(x) for wi, x in zip(w, vectors))
+
     with torch.no_grad():
         whole = [m.encode_image(x[None])[0] for x in pixels_whole]
         views = [[m.encode_image(v[None])[0] for v in image_views] for image_views in pixels_views]
@@ -189,20 +190,8 @@ def _wca_reference(model, pixels_whole, pixels_views, prompts, descriptions, ima
         desc_f = [[m.encode_text(tok([t]))[0] for t in ts] for ts in descriptions]
     scores = []
     for b in range(len(whole)):
-        logits = [math.exp(image_scale) * cos(v, whole[b]) for v in views[b]]
-        top = max(logits)
-        w = [math.exp(x - top) for x in logits]
-        w = [x / sum(w) for x in w]
-        image_vec = sum(wi * unit(v) for wi, v in zip(w, views[b]))
-        row = []
-        for c in range(len(prompts)):
-            logits = [math.exp(text_scale) * cos(t, prompt_f[c]) for t in desc_f[c]]
-            top = max(logits)
-            v = [math.exp(x - top) for x in logits]
-            v = [x / sum(v) for x in v]
-            text_vec = sum(vj * unit(t) for vj, t in zip(v, desc_f[c]))
-            row.append(cos(image_vec, text_vec))
-        scores.append(row)
+        image_vec = weighted_sum(views[b], whole[b], image_scale)
+        scores.append([cos(image_vec, weighted_sum(desc_f[c], prompt_f[c], text_scale)) for c in range(len(prompts))])
     return torch.tensor(scores)
 
 
