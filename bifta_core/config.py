@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from bifta_core.cascade import DEFAULT_FIRST_STAGE, check_cascade
 from bifta_core.errors import ConfigError
 from bifta_core.methods import METHOD_NAMES, METHODS, VIEW_GENERATORS, VIEW_PRESETS, ViewPreset, grid_preset
 from bifta_core.presets import PRESETS, preset_names
@@ -77,6 +78,9 @@ class LabelConfig:
     waffle_words: str | None = None  # WaffleCLIP word list (.pkl/.json/.txt); default: the bundled list
     pgs_keep: float | None = None  # CLIP-PGS keep ratio for view encodes (None = off)
     pgs_whole_image: bool = False  # also apply PGS to the whole-image encode
+    # Cascade (bifta_core.cascade): keep the first stage's answer where its margin is >= T, views elsewhere
+    cascade_margin: float | None = None  # T (None: no cascade; inf: views for every image)
+    cascade_first: str = DEFAULT_FIRST_STAGE  # the whole-image method that decides first
     explain: bool = True
     shard_size: int = 20_000  # inputs per shard = per output file (~5,000 files at 100M images)
     retry_errors: bool = False  # redo the shards whose files hold error rows
@@ -94,6 +98,11 @@ class LabelConfig:
     @property
     def uses_views(self) -> bool:
         return self.method in METHODS and METHODS[self.method].uses_views
+
+    @property
+    def cascade(self) -> bool:
+        """A cascade run: a first stage scores the whole image, views only where it is unsure."""
+        return self.cascade_margin is not None
 
     def view_preset(self, name: str | None = None) -> ViewPreset:
         """The view settings in force for the view preset ``name`` (default: the method's, as a grid
@@ -169,6 +178,9 @@ class LabelConfig:
             from bifta_core.waffle import words_location
 
             self.waffle_words = words_location(self.waffle_words)
+        if not isinstance(self.cascade_first, str):
+            raise ConfigError(f"--cascade-first must be a method name, got {self.cascade_first!r}")
+        check_cascade(self.method, self.cascade_first, self.cascade_margin)
         if self.aggregation not in AGGREGATIONS:
             raise ConfigError(f"--aggregation must be one of {', '.join(AGGREGATIONS)}, got '{self.aggregation}'")
         _positive("--num-views", self.num_views)

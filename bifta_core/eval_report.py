@@ -18,7 +18,7 @@ from bifta_core.evaluation import reliability_table, worst_classes
 
 #: Rows drawn in the reliability plot when present (the full set would be unreadable).
 RELIABILITY_METHODS = ("clip", "clip-e", "cupl", "wca", "bifta")
-PLOTS = ("accuracy.png", "confidence.png", "reliability.png", "worst_classes.png")
+PLOTS = ("accuracy.png", "confidence.png", "reliability.png", "worst_classes.png")  # + cascade.png with a curve
 
 
 def _pyplot():
@@ -116,6 +116,47 @@ def plot_worst_classes(worst: pl.DataFrame, method: str) -> bytes:
     return _png(fig)
 
 
+def plot_cascade(curve: pl.DataFrame, recommended: dict[str, dict]) -> bytes:
+    """Top-1 and top-5 against views encoded per image, one point per cascade threshold ``T``."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    x = curve["views_per_image"].to_list()
+    for col, marker in (("top1", "o"), ("top5", "s")):
+        ax.plot(x, [100 * v for v in curve[col].to_list()], marker=marker, ms=3, label=col.replace("top", "top-"))
+    for tol, row in recommended.items():
+        ax.annotate(f"T={row['threshold']:.4g} (within {tol})", (row["views_per_image"], 100 * row["top1"]),
+                    textcoords="offset points", xytext=(6, -12), fontsize=7)
+    first, final = curve["first"][0], curve["final"][0]
+    ax.set_xlabel(f"views encoded per image (0: {first} only; right end: {final} on every image)")
+    ax.set_ylabel("accuracy %")
+    ax.set_title(f"cascade {first} → {final}")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    return _png(fig)
+
+
+def cascade_markdown(curve: pl.DataFrame, recommended: dict[str, dict]) -> list[str]:
+    """The report's cascade section: how to read it, the recommended ``T`` values and the curve."""
+    first, final = curve["first"][0], curve["final"][0]
+    full = curve.filter(pl.col("threshold") == float("inf")).row(0, named=True)
+    method_flag = f" --method {final}" if final in ("wca", "bifta") else ""  # other rows are ablations
+    lines = ["## Cascade: accuracy for views", "",
+             f"An image keeps the `{first}` answer where its margin (top-1 − top-2 score) is at least T; the others "
+             f"are encoded view by view and scored with `{final}`. T = 0 is `{first}` alone, T = inf is `{final}` "
+             f"alone ({full['views_per_image']:.1f} views per image).", ""]
+    for tol, row in recommended.items():
+        lines.append(f"- cheapest T within {tol} (top-1 points) of `{final}`: **T = {row['threshold']:.6g}** — "
+                     f"top-1 {100 * row['top1']:.2f}%, {row['views_per_image']:.1f} views per image, "
+                     f"{100 * row['share_with_views']:.0f}% of images encoded with views "
+                     f"(`bifta label{method_flag} --cascade-first {first} --cascade-margin {row['threshold']:.6g}`)")
+    lines += ["", "| T | images with views % | views / image | top-1 % | top-5 % |", "|---|---|---|---|---|"]
+    for r in curve.iter_rows(named=True):
+        lines.append(f"| {r['threshold']:.6g} | {100 * r['share_with_views']:.1f} | {r['views_per_image']:.2f} | "
+                     f"{100 * r['top1']:.2f} | {100 * r['top5']:.2f} |")
+    lines += ["", "![cascade](cascade.png)", ""]
+    return lines
+
+
 def _fmt(v: Any, std: Any = None) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "–"
@@ -154,12 +195,14 @@ def render_report(
     predictions: pl.DataFrame,
     context: dict[str, Any],
     bins: int = 10,
+    cascade: pl.DataFrame | None = None,
 ) -> dict[str, bytes]:
     """``report.md`` and its PNG plots as ``{file name: bytes}``.
 
     ``context`` supplies the header lines: ``model``, ``pretrained``, ``label_set``, ``classes``,
     ``images``, ``errors``, ``views``, ``skipped`` (``{method: reason}``), ``protocol`` (or None),
-    ``random_weights`` and ``source`` (encoded now, or the embeddings file re-scored).
+    ``random_weights`` and ``source`` (encoded now, or the embeddings file re-scored). ``cascade``:
+    the curve of :func:`bifta_core.cascade.cascade_curve`, plotted in ``cascade.png`` when given.
     """
     methods = metrics["method"].to_list()
     ref = reference_method(metrics)
@@ -202,5 +245,11 @@ def render_report(
     for r in worst.iter_rows(named=True):
         lines.append(f"| {r['class']} | {r['n']} | {100 * r['top1']:.1f} | {100 * r['top5']:.1f} |")
     lines += ["", "![worst classes](worst_classes.png)", ""]
+    if cascade is not None:
+        from bifta_core.cascade import recommended_thresholds
+
+        recommended = recommended_thresholds(cascade)
+        files["cascade.png"] = plot_cascade(cascade, recommended)
+        lines += cascade_markdown(cascade, recommended)
     files["report.md"] = "\n".join(lines).encode("utf-8")
     return files

@@ -391,6 +391,7 @@ class _Rows:
     true_score: list[float] = field(default_factory=list)
     rank: list[int] = field(default_factory=list)
     top5: list[list[int]] = field(default_factory=list)
+    views: list[int] = field(default_factory=list)  # views the row scores per image (0: whole image only)
     protocol_ranks: list[torch.Tensor] = field(default_factory=list)  # each long [runs, b]
 
 
@@ -443,6 +444,10 @@ class EvaluationAccumulator:
             r.true_score.extend(torch.gather(scores, 1, t[:, None])[:, 0].tolist())
             r.rank.extend(true_rank(scores, t).tolist())
             r.top5.extend(order.tolist())
+            if m.uses_views:
+                r.views.extend(batch.view_set(m.preset).select(m.views)[1].sum(dim=1).tolist())
+            else:
+                r.views.extend([0] * len(batch))
             if self.protocol is not None and m.uses_views:
                 runs = protocol_scores_for(m, emb, batch, self.params, self.protocol)
                 r.protocol_ranks.append(true_rank(runs, t).cpu())
@@ -474,6 +479,7 @@ class EvaluationAccumulator:
                 "true_rank": pl.Series(r.rank, dtype=pl.Int32),
                 "correct": [x == 1 for x in r.rank],
                 "top5_labels": [[self.classes[i] for i in row] for row in r.top5],
+                "views_encoded": pl.Series(r.views, dtype=pl.Int32),
             }).sort("image_id", maintain_order=True))
         return pl.concat(frames)
 

@@ -35,6 +35,9 @@ class DecodedImage:
     width: int  # original width after EXIF orientation
     height: int  # original height after EXIF orientation
     whole: torch.Tensor | None = None  # uint8 [3, S, S] model input, when decode_image was asked for it
+    # The model input as a whole-image method decodes it (``global_min_side``), only where that differs
+    # from ``whole``: a JPEG the working resolution had decoded at another DCT scale.
+    global_whole: torch.Tensor | None = None
 
     @property
     def scale_x(self) -> float:
@@ -59,6 +62,7 @@ def decode_image(
     min_side: int | None = None,
     whole_size: int | None = None,
     resize_mode: str = "shortest",
+    global_min_side: int | None = None,
 ) -> DecodedImage:
     """Decode bytes → RGB at working resolution (shorter side ``min_side`` unless already smaller).
 
@@ -69,6 +73,10 @@ def decode_image(
     above ``max_pixels`` before decompressing them (decompression-bomb guard; Pillow's own hard limit,
     about 179 MP, stays in force above that as a process-wide safety net), and raises
     :class:`ImageDecodeError` with a short reason for empty, truncated or non-image data.
+
+    With ``global_min_side`` (and ``whole_size``), ``global_whole`` is the model input exactly as a
+    decode at that working resolution gives it — a whole-image method's — where it differs from
+    ``whole`` (the cascade's first stage then scores what ``--method`` of that stage would).
     """
     if not data:
         raise ImageDecodeError("empty file")
@@ -85,10 +93,7 @@ def decode_image(
                 )
             orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
             width, height = (raw_h, raw_w) if orientation in _SWAPPING_ORIENTATIONS else (raw_w, raw_h)
-            if min_side is not None and img.format == "JPEG" and min(raw_w, raw_h) > min_side:
-                # draft() picks the largest DCT scale (1/2, 1/4, 1/8) whose result is still >= the request.
-                factor = min(raw_w, raw_h) / min_side
-                img.draft("RGB", (max(1, int(raw_w / factor)), max(1, int(raw_h / factor))))
+            drafted = _draft(img, min_side)
             img = ImageOps.exif_transpose(img)
             img = _to_rgb(img)
             img.load()
@@ -103,11 +108,35 @@ def decode_image(
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageDecodeError(f"cannot decode image: {_short(exc)}") from None
     whole = None if whole_size is None else _whole_from_pil(img, whole_size, resize_mode)
+    global_whole = None
+    if whole_size is not None and global_min_side is not None and _drafted_size(data, global_min_side) != drafted:
+        global_whole = decode_image(data, max_pixels=max_pixels, min_side=global_min_side, whole_size=whole_size,
+                                    resize_mode=resize_mode).whole
     if min_side is not None and min(img.size) > min_side:
         factor = min(img.size) / min_side
         target = (max(1, round(img.size[0] / factor)), max(1, round(img.size[1] / factor)))
         img = img.resize(target, Image.BICUBIC, reducing_gap=3.0)
-    return DecodedImage(pixels=np.asarray(img, dtype=np.uint8).copy(), width=width, height=height, whole=whole)
+    return DecodedImage(pixels=np.asarray(img, dtype=np.uint8).copy(), width=width, height=height, whole=whole,
+                        global_whole=global_whole)
+
+
+def _drafted_size(data: bytes, min_side: int | None) -> tuple[int, int]:
+    """The size :func:`decode_image` decodes ``data`` at for ``min_side`` (a JPEG's DCT scale), from
+    the header alone: no pixel is decompressed."""
+    with warnings.catch_warnings():  # the pixel limit was enforced when this image was first opened
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(io.BytesIO(data)) as img:
+            return _draft(img, min_side)
+
+
+def _draft(img: Image.Image, min_side: int | None) -> tuple[int, int]:
+    """Ask a JPEG's decoder for the smallest DCT scale still ``>= min_side`` on the short side
+    (``draft()`` picks among 1/2, 1/4, 1/8); → the size it will decode at."""
+    raw_w, raw_h = img.size
+    if min_side is not None and img.format == "JPEG" and min(raw_w, raw_h) > min_side:
+        factor = min(raw_w, raw_h) / min_side
+        img.draft("RGB", (max(1, int(raw_w / factor)), max(1, int(raw_h / factor))))
+    return img.size
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

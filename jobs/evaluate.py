@@ -70,6 +70,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="re-score embeddings saved by an earlier --save-embeddings run (no image is encoded)")
     e.add_argument("--logit-scale", type=float, default=100.0, help="confidence = softmax(logit scale × score)")
     e.add_argument("--bins", type=int, default=10, help="confidence bins of the reliability curve")
+    e.add_argument("--cascade-first", default=None, metavar="ROW",
+                   help="first stage of the cascade curve (cascade.parquet): a whole-image row (default cupl)")
+    e.add_argument("--cascade-method", default=None, metavar="ROW",
+                   help="final method of the cascade curve: a row scored on views (default bifta)")
     x = parser.add_argument_group("execution")
     x.add_argument("--batch-size", type=int, default=s, help="images per encode batch (8)")
     x.add_argument("--view-batch-size", type=int, default=s, help="crops per encoder forward pass (256)")
@@ -173,6 +177,8 @@ def options_from_args(args: argparse.Namespace):
         from_embeddings=args.from_embeddings,
         logit_scale=args.logit_scale,
         bins=args.bins,
+        cascade_first=args.cascade_first,
+        cascade_method=args.cascade_method,
     )
 
 
@@ -193,9 +199,16 @@ def format_metrics(summary: dict[str, Any], metrics_rows: list[dict[str, Any]]) 
         grouped.setdefault(reason, []).append(name)
     for reason, names in grouped.items():
         lines.append(f"  skipped {', '.join(names)}: {reason}")
+    cascade = summary.get("cascade")
+    if cascade:
+        for tol, row in cascade["recommended"].items():
+            lines.append(f"  cascade {cascade['first']} → {cascade['final']}: T = {row['threshold']:.6g} keeps top-1 "
+                         f"within {tol} ({100 * row['top1']:.2f}%) at {row['views_per_image']:.1f} views per image "
+                         f"(--cascade-margin {row['threshold']:.6g})")
     if summary["errors"]:
         lines.append("  errors: " + "; ".join(f"{k} ×{v}" for k, v in summary["error_reasons"].items()))
-    lines.append(f"  written to {summary['out']} (metrics.parquet, per_class.parquet, predictions.parquet, report.md)")
+    written = "metrics.parquet, per_class.parquet, predictions.parquet, " + ("cascade.parquet, " if cascade else "")
+    lines.append(f"  written to {summary['out']} ({written}report.md)")
     if summary.get("random_weights"):
         lines.append("  WARNING random weights: these numbers are meaningless")
     return "\n".join(lines)

@@ -15,6 +15,7 @@ import logging
 import sys
 from typing import Any
 
+from bifta_core.cascade import DEFAULT_FIRST_STAGE, first_stage_methods
 from bifta_core.config import LabelConfig, parse_scale
 from bifta_core.errors import ConfigError
 from bifta_core.methods import METHOD_NAMES, VIEW_GENERATORS
@@ -92,6 +93,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.add_argument("--views", choices=VIEW_GENERATORS, default=s,
                         help="random crops (default) or BiFTA's grid of --grid x --grid tiles (wca, bifta)")
+    c = parser.add_argument_group("cascade (wca, bifta): views only where the whole image is unsure")
+    c.add_argument("--cascade-margin", type=float, default=s, metavar="T",
+                   help="keep the first stage's answer where its top-1 margin is >= T; only the other images are "
+                        "encoded view by view (0: first stage only; inf: views everywhere). `bifta evaluate` "
+                        "names the T to use")
+    c.add_argument("--cascade-first", choices=first_stage_methods(), default=s,
+                   help=f"the whole-image method that decides first ({DEFAULT_FIRST_STAGE})")
     e = parser.add_argument_group("execution")
     e.add_argument("--batch-size", type=int, default=s, help="images per encode batch (8)")
     e.add_argument("--view-batch-size", type=int, default=s, help="crops per encoder forward pass (256)")
@@ -152,6 +160,9 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"(already done {summary['skipped_already_done']})",
         f"  labelled      {summary['ok']} ok, {summary['errors']} errors",
         f"  throughput    {summary['images_per_second']} images/s over {summary['encode_seconds']} s",
+        f"  views         {summary['views_per_image']} encoded per image; {100 * summary['share_with_views']:.1f}% "
+        f"of images needed views" + (f" (cascade: {summary['cascade']['first']} decides where its margin >= "
+                                     f"{summary['cascade']['margin']})" if summary.get("cascade") else ""),
         f"  files         {summary['files_written']} written, {summary['rows_written']} rows",
     ]
     if summary["error_reasons"]:

@@ -21,6 +21,7 @@ COLUMN_TYPES: dict[str, pa.DataType] = {
     "error": pa.string(),
     "data": pa.binary(),
     "whole": pa.binary(),
+    "view_whole": pa.binary(),
     "work": pa.binary(),
     "crops": pa.binary(),
     "boxes": pa.binary(),

@@ -11,12 +11,12 @@ from bifta_core.images import DecodedImage, ImageDecodeError, decode_image
 
 def decode_or_error(
     data: bytes, *, max_pixels: int, min_side: int | None, whole_size: int | None = None,
-    resize_mode: str = "shortest",
+    resize_mode: str = "shortest", global_min_side: int | None = None,
 ) -> tuple[DecodedImage | None, str | None]:
     """Decode one image; a failure returns ``(None, reason)`` instead of raising."""
     try:
         return decode_image(data, max_pixels=max_pixels, min_side=min_side, whole_size=whole_size,
-                            resize_mode=resize_mode), None
+                            resize_mode=resize_mode, global_min_side=global_min_side), None
     except ImageDecodeError as exc:
         return None, str(exc)
     except MemoryError:

@@ -19,7 +19,8 @@ from bifta_core.models import ClipModel, actor_device, check_gpu_assignment, loa
 from bifta_core.predict import ScoreParams
 from bifta_core.seeding import generator_for
 from bifta_core.text_banks import LabelSetEmbeddings
-from pipelines.score import ROW_COLUMNS, RowContext, Scorer, build_rows
+from pipelines.score import ROW_COLUMNS, RowContext, Scorer, build_rows, merge_cascade
+from bifta_core.cascade import needs_views
 from bifta_core.methods import METHODS
 from bifta_core.views import cut_planned, pinned_empty, plan_views, to_device
 
@@ -156,6 +157,7 @@ class EncodeStage:
         schema: pa.Schema,
         torch_threads: int | None = None,
         start_gate: Any = None,
+        cascade: dict | None = None,
     ) -> None:
         import ray
 
@@ -170,9 +172,16 @@ class EncodeStage:
         self.label_sets = label_sets
         self.encoder = ViewEncoder(self.model, view_batch_size=view_batch_size, seed=seed, pgs_keep=pgs_keep,
                                    pgs_whole_image=pgs_whole_image)
+        self.method = method
         self.uses_views = METHODS[method].uses_views
-        self.scorer = Scorer(label_sets, method=method, bank_key=bank_key, params=ScoreParams(**score_params),
+        params = ScoreParams(**score_params)
+        self.scorer = Scorer(label_sets, method=method, bank_key=bank_key, params=params,
                              k=top_k, with_explanations=explain, device=self.model.device)
+        # A cascade (bifta_core.cascade): ``{"margin": T, "first": method, "bank_key": its bank}``.
+        self.cascade = cascade
+        self.first_scorer = None if cascade is None else Scorer(
+            label_sets, method=cascade["first"], bank_key=cascade["bank_key"], params=params, k=top_k,
+            with_explanations=explain, device=self.model.device)
         self.ctx = RowContext(method=method, model=self.model.model_name, pretrained=self.model.pretrained,
                               run_id=run_id, random_weights=self.model.is_random)
         open_start_gate(start_gate)  # the model is loaded: the plan's first stage may start reading
@@ -184,13 +193,16 @@ class EncodeStage:
         if ok:
             ids = [str(batch["image_id"][i]) for i in ok]
             image_emb = self.encoder.encode_whole([batch["whole"][i] for i in ok], ids)
-            view_emb = view_mask = None
-            if self.uses_views:
-                view_emb, view_mask = self.encoder.encode_views(
-                    [batch["work"][i] for i in ok], [tuple(batch["work_hw"][i]) for i in ok],
-                    [batch["boxes"][i] for i in ok], ids, [batch["crops"][i] for i in ok],
-                )
-            predictions = self.scorer.predict(image_emb, view_emb, view_mask)
+            if self.cascade is not None:
+                predictions = self._cascade(batch, ok, ids, image_emb)
+            else:
+                view_emb = view_mask = None
+                if self.uses_views:
+                    view_emb, view_mask = self._views(batch, ok, ids)
+                predictions = self.scorer.predict(image_emb, view_emb, view_mask)
+                views = view_mask.sum(dim=1).tolist() if view_mask is not None else [0] * len(ok)
+                for cols in predictions:
+                    cols.update(decided_by=[self.method] * len(ok), views_encoded=views)
         meta = {k: list(batch[k]) for k in ("image_id", "uri", "status", "error", "views_generated", "views_kept")}
         if "true_label" in batch:
             meta["true_label"] = list(batch["true_label"])
@@ -200,6 +212,37 @@ class EncodeStage:
             shard = pa.array([str(s) for s in batch["shard"]] * len(self.label_sets), pa.string())
             table = table.append_column("shard", shard)
         return table
+
+    def _views(self, batch: dict[str, np.ndarray], rows: list[int], ids: list[str]):
+        """``(view_emb, view_mask)`` of the batch rows ``rows`` (their views cut and encoded)."""
+        return self.encoder.encode_views(
+            [batch["work"][i] for i in rows], [tuple(batch["work_hw"][i]) for i in rows],
+            [batch["boxes"][i] for i in rows], ids, [batch["crops"][i] for i in rows],
+        )
+
+    def _cascade(self, batch: dict[str, np.ndarray], ok: list[int], ids: list[str],
+                 image_emb: torch.Tensor) -> list[dict[str, list]]:
+        """First stage on the whole image; views, and the method, only for the images some label
+        set is unsure of (margin < T, :func:`bifta_core.cascade.needs_views`)."""
+        first = self.first_scorer.predict(image_emb, None, None)
+        unsure_by_set = [needs_views(cols["margin"], self.cascade["margin"]) for cols in first]
+        sub = np.flatnonzero(np.logical_or.reduce(unsure_by_set))
+        views = np.zeros(len(ok), dtype=np.int64)
+        final = None
+        if sub.size:
+            rows, sub_ids = [ok[j] for j in sub], [ids[j] for j in sub]
+            # View weights compare views with the whole image at the views' working resolution: the
+            # same pixels as the first stage's unless a JPEG was decoded at another DCT scale.
+            alternative = [batch["view_whole"][i] for i in rows]
+            if any(alternative):
+                view_image = self.encoder.encode_whole(
+                    [alt or batch["whole"][i] for alt, i in zip(alternative, rows)], sub_ids)
+            else:
+                view_image = image_emb[torch.from_numpy(sub).to(image_emb.device)]
+            view_emb, view_mask = self._views(batch, rows, sub_ids)
+            final = self.scorer.predict(view_image, view_emb, view_mask)
+            views[sub] = view_mask.sum(dim=1).cpu().numpy()
+        return merge_cascade(first, final, unsure_by_set, sub, views, (self.cascade["first"], self.method))
 
 
 def load_gpu_checked_model(model_cfg: dict, gpu_ids: list) -> ClipModel:

@@ -7,7 +7,8 @@ samples them with the same view flags) in one Ray Data pass (:mod:`pipelines.emb
 them back from a saved ``embeddings.parquet`` — and streams the embeddings through
 :class:`bifta_core.evaluation.EvaluationAccumulator` on the driver. Outputs under ``options.out``:
 ``metrics.parquet``, ``per_class.parquet``, ``predictions.parquet`` (each with ``model``,
-``pretrained`` and ``random_weights`` columns), ``report.md`` with PNG plots,
+``pretrained`` and ``random_weights`` columns), ``cascade.parquet`` (the accuracy-for-views curve
+of :mod:`bifta_core.cascade`, when its two rows were scored), ``report.md`` with PNG plots,
 ``evaluate_summary.json`` and, with ``save_embeddings``, ``embeddings.parquet``.
 """
 
@@ -28,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bifta_core import storage
+from bifta_core.cascade import DEFAULT_FIRST_STAGE, CascadeSpec, cascade_curve, recommended_thresholds
 from bifta_core.config import LabelConfig
 from bifta_core.errors import ConfigError, InputError
 from bifta_core.eval_embeddings import (
@@ -50,6 +52,7 @@ from bifta_core.evaluation import (
     map_labels,
     presets_for,
     select_methods,
+    standard_methods,
     usable_methods,
 )
 from bifta_core.predict import ScoreParams
@@ -60,6 +63,7 @@ from pipelines.write import part_files, read_shard_stats
 logger = logging.getLogger("bifta.evaluate")
 
 SUMMARY_FILE = "evaluate_summary.json"
+CASCADE_FILE = "cascade.parquet"
 #: The embeddings' shard files under an evaluation's ``--out`` (kept with ``--save-embeddings``).
 EMBEDDINGS_DIR = "embeddings"
 
@@ -78,6 +82,17 @@ class EvaluateOptions:
     logit_scale: float = DEFAULT_LOGIT_SCALE
     bins: int = 10
     score_chunk: int = 256
+    cascade_first: str | None = None  # the cascade curve's first stage row (None: cupl, when scored)
+    cascade_method: str | None = None  # its final row (None: bifta, when scored)
+
+    def cascade(self, scored: list[str]) -> CascadeSpec | None:
+        """The cascade the curve is computed for, among the ``scored`` rows: the rows given by flag
+        (a :class:`ConfigError` when one was not scored), else cupl → bifta when both were; else None."""
+        spec = CascadeSpec(first=self.cascade_first or DEFAULT_FIRST_STAGE, final=self.cascade_method or "bifta")
+        for flag, name in (("--cascade-first", self.cascade_first), ("--cascade-method", self.cascade_method)):
+            if name is not None and name not in scored:
+                raise ConfigError(f"{flag} {name}: that row was not scored (skipped, or not among --method)")
+        return spec if spec.first in scored and spec.final in scored else None
 
     def protocol(self, seed: int) -> Protocol | None:
         """The repeated-run protocol, or None; both flags or neither."""
@@ -101,6 +116,14 @@ class EvaluateOptions:
         if isinstance(self.score_chunk, bool) or not isinstance(self.score_chunk, int) or self.score_chunk < 1:
             raise ConfigError(f"score_chunk must be a positive integer, got {self.score_chunk!r}")
         select_methods(self.methods)  # unknown row names are an error naming the valid ones
+        rows = {m.name: m for m in standard_methods()}
+        if self.cascade_first is not None and (self.cascade_first not in rows or rows[self.cascade_first].uses_views):
+            raise ConfigError(f"--cascade-first must be a whole-image row "
+                              f"({', '.join(n for n, m in rows.items() if not m.uses_views)}), got '{self.cascade_first}'")
+        if self.cascade_method is not None and (self.cascade_method not in rows
+                                                or not rows[self.cascade_method].uses_views):
+            raise ConfigError(f"--cascade-method must be a row scored on views (e.g. bifta, wca, bifta-grid), "
+                              f"got '{self.cascade_method}'")
         return self
 
 
@@ -242,6 +265,12 @@ def run_evaluation(
     metrics = acc.metrics(options.bins).with_columns(provenance)
     per_class = acc.per_class().with_columns(provenance)
     predictions = acc.predictions().with_columns(provenance)
+    spec = options.cascade([m.name for m in methods])
+    curve = cascade_curve(predictions, spec) if spec is not None else None
+    cascade = None if curve is None else {
+        "first": spec.first, "final": spec.final,
+        "recommended": {tol: {k: row[k] for k in ("threshold", "top1", "top5", "views_per_image", "share_with_views")}
+                        for tol, row in recommended_thresholds(curve).items()}}
     context = {
         "model": model_name,
         "pretrained": pretrained,
@@ -254,13 +283,16 @@ def run_evaluation(
         "protocol": dataclasses.asdict(protocol) if protocol else None,
         "random_weights": random_weights,
         "source": source,
+        "cascade": cascade,
         **preset_record(config),
     }
     out = options.out
     storage.write_bytes_atomic(storage.join(out, "metrics.parquet"), _parquet_bytes(metrics))
     storage.write_bytes_atomic(storage.join(out, "per_class.parquet"), _parquet_bytes(per_class))
     storage.write_bytes_atomic(storage.join(out, "predictions.parquet"), _parquet_bytes(predictions))
-    for name, data in render_report(metrics, per_class, predictions, context, options.bins).items():
+    if curve is not None:
+        storage.write_bytes_atomic(storage.join(out, CASCADE_FILE), _parquet_bytes(curve))
+    for name, data in render_report(metrics, per_class, predictions, context, options.bins, curve).items():
         storage.write_bytes_atomic(storage.join(out, name), data)
     summary = {
         "out": out,
@@ -277,6 +309,7 @@ def run_evaluation(
         "random_weights": random_weights,
         "views": views_used,
         "protocol": context["protocol"],
+        "cascade": cascade,
         **preset_record(config),
         "score_params": dataclasses.asdict(params),
         "from_embeddings": options.from_embeddings,

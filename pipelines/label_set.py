@@ -27,11 +27,31 @@ logger = logging.getLogger("bifta.label_set")
 
 
 def bank_specs(config: LabelConfig) -> list[BankSpec]:
-    """The text banks a labelling run needs (a method scored by its class prompt needs none)."""
-    if not METHODS[config.method].has_bank:
-        return []
-    return [BankSpec.of(config.method, refine=config.refines_descriptions, seed=config.seed,
-                        waffle_words=config.waffle_words, threshold=config.desc_threshold, top_k=config.desc_top_k)]
+    """The text banks a labelling run needs: its method's, then a cascade's first stage's (a
+    method scored by its class prompt needs none)."""
+    specs = []
+    if METHODS[config.method].has_bank:
+        specs.append(BankSpec.of(config.method, refine=config.refines_descriptions, seed=config.seed,
+                                 waffle_words=config.waffle_words, threshold=config.desc_threshold,
+                                 top_k=config.desc_top_k))
+    first = first_stage_spec(config)
+    if first is not None and all(s.key != first.key for s in specs):
+        specs.append(first)
+    return specs
+
+
+def first_stage_spec(config: LabelConfig) -> BankSpec | None:
+    """The text bank of a cascade's first stage, as ``--method FIRST`` builds it (None: no cascade,
+    or a first stage scored by its class prompt)."""
+    if not config.cascade or not METHODS[config.cascade_first].has_bank:
+        return None
+    return BankSpec.of(config.cascade_first, refine=METHODS[config.cascade_first].refine, seed=config.seed,
+                       waffle_words=config.waffle_words, threshold=config.desc_threshold, top_k=config.desc_top_k)
+
+
+def run_methods(config: LabelConfig) -> list[str]:
+    """The methods a run scores with: its method, and a cascade's first stage."""
+    return [config.method, config.cascade_first] if config.cascade else [config.method]
 
 
 def default_cache_dir() -> str:
@@ -67,11 +87,13 @@ def _encode_label_sets(label_sets: list[LabelSet], model_cfg: dict, specs: list[
 
 def load_label_sets(config: LabelConfig) -> list[LabelSet]:
     """Load and validate every ``--labels`` (no Ray, no model): a bad label set fails before start-up."""
-    needed = METHODS[config.method].files
+    methods = run_methods(config)
+    needed = frozenset().union(*(METHODS[m].files for m in methods))
     loaded = [load_label_set(path, name, merge_duplicates=config.merge_duplicate_classes, needed=needed)
               for name, path in config.label_specs()]
     for ls in loaded:
-        ls.require(config.method)  # raises LabelSetError naming the file this method needs
+        for m in methods:
+            ls.require(m)  # raises LabelSetError naming the file this method needs
     return loaded
 
 

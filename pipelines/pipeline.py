@@ -27,7 +27,7 @@ from bifta_core.errors import BiftaUserError, ConfigError, StorageError
 from bifta_core.models import config_fingerprint, is_vit_architecture, model_preprocess, model_provenance
 from pipelines.encode import EncodeStage
 from pipelines.inputs import Listing, ListingOptions, build_listing, normalise_spec, plan_sources, read_listing, shards_stage
-from pipelines.label_set import bank_specs, default_cache_dir, load_label_sets, plan_label_sets, prepare_label_sets
+from pipelines.label_set import bank_specs, default_cache_dir, first_stage_spec, load_label_sets, plan_label_sets, prepare_label_sets
 from pipelines.plan import Resources, Stage, env_args, is_embedded, plan_resources, run_shards
 from pipelines.read import read_stage
 from pipelines.views import views_stage
@@ -175,6 +175,8 @@ def run_id_for(config: LabelConfig, label_set_hashes: list[str], provenance: dic
     )
     for key in ("num_views", "max_views", "iou_threshold", "scale"):
         payload.pop(key, None)  # folded into ``views``
+    if config.cascade:  # only then: run ids of runs without a cascade are unchanged
+        payload["cascade"] = {"margin": config.cascade_margin, "first": config.cascade_first}
     return config_fingerprint(payload)[:16]
 
 
@@ -329,6 +331,10 @@ def _run(config: LabelConfig, started: float, on_progress, plan, run_id: str,
         "error_reasons": dict(totals.reasons.most_common(10)),
         "label_sets": {ls.name: {"classes": ls.num_classes, "id": ls.content_hash[:16]} for ls in label_sets},
         "method": config.method,
+        "cascade": {"margin": config.cascade_margin, "first": config.cascade_first} if config.cascade else None,
+        "views_encoded": totals.views_encoded,
+        "views_per_image": round(totals.views_encoded / totals.ok, 3) if totals.ok else 0.0,
+        "share_with_views": round(totals.images_with_views / totals.ok, 4) if totals.ok else 0.0,
         "model": config.model.model,
         "pretrained": config.model.pretrained,
         "random_weights": config.model.pretrained == "random",
@@ -356,7 +362,7 @@ def label_stages(config: LabelConfig, res: Resources, label_sets, run_id: str, s
         read_stage(config.batch_size),
         views_stage(batch_size=config.batch_size, max_actors=res.decoders, use_gpu=res.use_gpu, image_size=preprocess["size"],
                     preset=preset, seed=config.seed, max_pixels=config.max_pixels,
-                    resize_mode=preprocess["resize_mode"]),
+                    resize_mode=preprocess["resize_mode"], cascade=config.cascade),
         encode_stage(config, res, dict(
             model_cfg=model_config(config), label_set_refs=[ray.put(ls) for ls in label_sets], method=config.method,
             bank_key=specs[0].key if specs else None,
@@ -364,8 +370,17 @@ def label_stages(config: LabelConfig, res: Resources, label_sets, run_id: str, s
                               aggregation=config.aggregation),
             top_k=config.top_k, view_batch_size=config.view_batch_size, seed=config.seed,
             pgs_keep=config.pgs_keep, pgs_whole_image=config.pgs_whole_image, explain=config.explain,
-            run_id=run_id, schema=schema)),
+            run_id=run_id, schema=schema, cascade=cascade_args(config))),
     ]
+
+
+def cascade_args(config: LabelConfig) -> dict[str, Any] | None:
+    """The encode stage's cascade settings: ``T``, the first stage and its text bank (None: no cascade)."""
+    if not config.cascade:
+        return None
+    first = first_stage_spec(config)
+    return {"margin": float(config.cascade_margin), "first": config.cascade_first,
+            "bank_key": first.key if first is not None else None}
 
 
 def encode_stage(config: LabelConfig, res: Resources, constructor_kwargs: dict[str, Any], cls: type = EncodeStage,

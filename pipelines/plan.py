@@ -252,6 +252,7 @@ class ShardTotals:
 
     def __init__(self) -> None:
         self.images = self.ok = self.errors = self.rows = self.files = 0
+        self.views_encoded = self.images_with_views = 0
         self.routed = 0.0
         self.reasons: Counter = Counter()
         self.first: tuple[float, float] | None = None  # (time, images) of the first routed batch
@@ -269,6 +270,8 @@ class ShardTotals:
                 self.errors += stats["errors"]
                 self.rows += stats["rows"]
                 self.reasons.update(stats["error_reasons"])
+                self.views_encoded += stats.get("views_encoded", 0)
+                self.images_with_views += stats.get("images_with_views", 0)
 
     def steady_rate(self, finished: float) -> float:
         """Images/s after the first batch: excludes actor start-up and model loading."""

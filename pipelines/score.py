@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from bifta_core.predict import ScoreParams, explain, method_image_vectors, method_text_vectors, scores_from_vectors, top_k
@@ -83,6 +84,32 @@ class Scorer:
         return results
 
 
+def merge_cascade(
+    first: list[dict[str, list]],
+    final: list[dict[str, list]] | None,
+    use_final: list,
+    sub: np.ndarray,
+    views: np.ndarray,
+    names: tuple[str, str],
+) -> list[dict[str, list]]:
+    """Per label set, the cascade's columns: the final method's where ``use_final[set][j]`` (image
+    ``j`` was among the ``sub`` images scored with views), else the first stage's; plus
+    ``decided_by`` (``names``: first stage, method) and ``views_encoded`` (``views[j]``, per image)."""
+    position = {int(j): k for k, j in enumerate(sub)}
+    merged = []
+    for ls_i, cols in enumerate(first):
+        out: dict[str, list] = {key: [] for key in cols}
+        out["decided_by"] = []
+        for j in range(len(views)):
+            src, k, by = (final[ls_i], position[j], names[1]) if use_final[ls_i][j] else (cols, j, names[0])
+            for key in cols:
+                out[key].append(src[key][k])
+            out["decided_by"].append(by)
+        out["views_encoded"] = [int(v) for v in views]
+        merged.append(out)
+    return merged
+
+
 def build_rows(
     meta: dict[str, list],
     ok_positions: list[int],
@@ -110,8 +137,10 @@ def build_rows(
             cols["uri"].append(meta["uri"][i])
             cols["status"].append("ok" if ok else "error")
             cols["error"].append(None if ok else (meta["error"][i] or "unknown error"))
-            for key in ("label_index", "label", "score", "topk_labels", "topk_scores", "margin", "explanation"):
+            for key in ("label_index", "label", "score", "topk_labels", "topk_scores", "margin", "explanation",
+                        "decided_by"):
                 cols[key].append(pred[key][j] if ok else None)
+            cols["views_encoded"].append(int(pred["views_encoded"][j]) if ok else 0)
             cols["method"].append(ctx.method)
             cols["views_generated"].append(int(meta["views_generated"][i]))
             cols["views_kept"].append(int(meta["views_kept"][i]))
@@ -140,6 +169,8 @@ ROW_COLUMNS = (
     "method",
     "views_generated",
     "views_kept",
+    "decided_by",
+    "views_encoded",
     "explanation",
     "model",
     "pretrained",

@@ -49,7 +49,7 @@ class ViewStage:
     """
 
     def __init__(self, *, image_size: int, preset: dict | None, seed: int, max_pixels: int,
-                 all_views: bool = False, resize_mode: str = "shortest") -> None:
+                 all_views: bool = False, resize_mode: str = "shortest", cascade: bool = False) -> None:
         self.image_size = image_size
         self.resize_mode = resize_mode
         self.preset = ViewPreset(**{**preset, "scale": tuple(preset["scale"])}) if preset else None
@@ -57,6 +57,9 @@ class ViewStage:
         self.max_pixels = max_pixels
         self.all_views = all_views
         self.min_side = working_min_side(image_size, self.preset.scale[0] if self.preset else None)
+        # A cascade's first stage scores the whole image as a whole-image method decodes it; the
+        # encoder cuts views (from the working image, never pre-cut here) only for unsure images.
+        self.cascade = cascade and self.preset is not None
 
     def _views(self, image_id: str, decoded) -> tuple[np.ndarray, int, np.ndarray]:
         """→ (boxes on the working image, number sampled, kept mask aligned with the boxes)."""
@@ -80,22 +83,26 @@ class ViewStage:
         generated, kept = [0] * n, [0] * n
         kept_masks = [_EMPTY] * n
         crops = [_EMPTY] * n
+        view_whole = [_EMPTY] * n  # cascade: the working decode's whole image where it differs from ``whole``
         for i in range(n):
             if status[i] != "ok":
                 continue
             decoded, reason = decode_or_error(batch["data"][i], max_pixels=self.max_pixels, min_side=self.min_side,
-                                              whole_size=self.image_size, resize_mode=self.resize_mode)
+                                              whole_size=self.image_size, resize_mode=self.resize_mode,
+                                              global_min_side=self.image_size if self.cascade else None)
             if decoded is None:
                 status[i], error[i] = "error", reason
                 continue
             whole[i] = decoded.whole.numpy().tobytes()
+            if decoded.global_whole is not None:
+                whole[i], view_whole[i] = decoded.global_whole.numpy().tobytes(), whole[i]
             if self.preset is not None:
                 b, generated[i], mask = self._views(str(batch["image_id"][i]), decoded)
                 kept[i] = int(mask.sum())
                 kept_masks[i] = mask.tobytes()
                 boxes[i] = b.tobytes()
                 s = self.image_size
-                if b.shape[0] * 3 * s * s < decoded.pixels.size:
+                if not self.cascade and b.shape[0] * 3 * s * s < decoded.pixels.size:
                     # The crops are smaller than the decoded image: ship those (bounded by views × S²).
                     crops[i] = cut_crops(decoded.pixels, b, s).numpy().tobytes()
                 else:
@@ -115,6 +122,8 @@ class ViewStage:
         )
         if self.all_views:
             out["view_kept"] = np.array(kept_masks, dtype=object)
+        if self.cascade:
+            out["view_whole"] = np.array(view_whole, dtype=object)
         return to_table(out)
 
 

@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("bifta.write")
 
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3  # 3: decided_by, views_encoded
 PART_PREFIX = "part-"
 RUN_FILE = "_bifta_run.json"
 SUMMARY_FILE = "_bifta_summary.json"
@@ -67,6 +67,8 @@ _BASE_FIELDS = [
     pa.field("method", pa.string()),
     pa.field("views_generated", pa.int32()),
     pa.field("views_kept", pa.int32()),
+    pa.field("decided_by", pa.string()),  # the method whose answer this is (a cascade's first stage, or --method)
+    pa.field("views_encoded", pa.int32()),  # views encoded for the image (0 when no view was needed)
     pa.field("explanation", pa.list_(pa.string())),
     pa.field("model", pa.string()),
     pa.field("pretrained", pa.string()),
@@ -145,8 +147,12 @@ def shard_stats(table: pa.Table, shard: str, seconds: float) -> dict[str, Any]:
     error_ids: dict[str, str] = dict(zip(errors.column("image_id").to_pylist(), errors.column("error").to_pylist()))
     images = len(pc.unique(ids))
     reasons = Counter(str(e or "unknown error").split(":")[0] for e in error_ids.values())
-    return {"shard": shard, "images": images, "rows": table.num_rows, "ok": images - len(error_ids),
-            "errors": len(error_ids), "error_reasons": dict(reasons), "seconds": round(seconds, 3)}
+    stats = {"shard": shard, "images": images, "rows": table.num_rows, "ok": images - len(error_ids),
+             "errors": len(error_ids), "error_reasons": dict(reasons), "seconds": round(seconds, 3)}
+    if "views_encoded" in table.column_names:  # per image: the same on each of its label-set rows
+        views = dict(zip(ids.to_pylist(), table.column("views_encoded").to_pylist()))
+        stats.update(views_encoded=sum(views.values()), images_with_views=sum(1 for v in views.values() if v))
+    return stats
 
 
 class ShardWriter:

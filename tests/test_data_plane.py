@@ -24,6 +24,7 @@ import pytest
 
 from bifta_core.config import LabelConfig, ModelConfig
 from bifta_core.errors import ConfigError, InputError
+from pipelines.write import LAYOUT_VERSION
 from pipeline_helpers import REPO_ROOT, cli_env, kill_session, label_cmd, part_paths, read_output, run_cli, \
     sorted_rows, write_generated_images
 
@@ -174,7 +175,7 @@ def test_resume_reads_names_only_and_old_layouts_are_refused(tmp_path: Path) -> 
     out.mkdir()
     for name in ("part-00000-00000.parquet", ".part-00000-00001.parquet.x.tmp", "_bifta_run.json"):
         (out / name).write_bytes(b"not parquet at all")  # never opened
-    (out / "_bifta_run.json").write_text(json.dumps({"run_id": "r", "layout": 2}))
+    (out / "_bifta_run.json").write_text(json.dumps({"run_id": "r", "layout": LAYOUT_VERSION}))
     assert finished_shards(str(out)) == {"00000-00000"}
     config = LabelConfig(input="x", labels=["a,b"], out=str(out))
     with pytest.raises(ConfigError, match="different settings"):
@@ -182,6 +183,10 @@ def test_resume_reads_names_only_and_old_layouts_are_refused(tmp_path: Path) -> 
     (out / "_bifta_run.json").write_text(json.dumps({"run_id": "r"}))  # written by the first version
     with pytest.raises(ConfigError, match="older bifta .*layout 1.*new --out"):
         _check_out(config, None)
+    # Layout 2 had no decided_by/views_encoded columns: its part files cannot share a folder with layout 3's.
+    (out / "_bifta_run.json").write_text(json.dumps({"run_id": "r", "layout": 2}))
+    with pytest.raises(ConfigError, match="older bifta .*layout 2, this version writes layout 3"):
+        _check_out(config, "r")
     old = tmp_path / "old"
     old.mkdir()
     (old / "part-3f2a9c0d1e2b4a5c6d7e.parquet").write_bytes(b"x")
@@ -286,7 +291,7 @@ def test_reference_run_layout_and_summary(reference, images: Path, tmp_path_fact
     summary, rows = reference
     assert summary["inputs"] == summary["processed"] == summary["ok"] == N_IMAGES
     assert summary["shards"] == summary["files_written"] == 4  # two folders of 6, shards of 3
-    assert summary["rows_written"] == N_IMAGES and summary["layout"] == 2
+    assert summary["rows_written"] == N_IMAGES and summary["layout"] == LAYOUT_VERSION == 3
     out = Path(summary["out"])
     names = sorted(os.listdir(out))
     assert [n for n in names if not n.startswith("_")] == [f"part-0000{s}-0000{c}.parquet" for s in (0, 1)
