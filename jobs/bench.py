@@ -1,4 +1,4 @@
-"""``python -m jobs.bench {pipeline,pgs,pgs-train,scaling}`` — benchmarks that print figures and fail on a miss.
+"""``python -m jobs.bench {pipeline,cascade,pgs,pgs-train,scaling}`` — benchmarks that print figures and fail on a miss.
 
 Each benchmark measures its ratios within one run (machines are noisy), prints human-readable
 figures, ends with one JSON line, and exits 1 when its target is missed. They are jobs like any
@@ -8,6 +8,9 @@ other: submit them to a cluster to size it.
   and views per image, times the number of encode actors the pipeline ran (one per GPU), so the
   ratio is per encoder. Target: ratio ≥ 0.9 with no error rows. ``--input`` benchmarks an existing
   image location; on a multi-node cluster it must be storage every node reads (e.g. ``s3://``).
+- ``cascade``: full BiFTA against the cascade (``--cascade-margin``) at a few ``T`` on the same
+  images: views encoded per image, encoder work and images/s. Target: the cascade at its ``T``
+  does no more encoder work than full BiFTA.
 - ``pgs``: view-encode throughput at CLIP-PGS keep 1.0 / 0.7 / 0.5 on one model, top-1 agreement
   with the unmasked run on real photos, and PGS vs random token dropping. Target: ≥ 1.6× at 0.5.
 - ``pgs-train``: CLIP-PGS training-step images/s at mask 0.5 vs 0 (see ``jobs.bench_train``).
@@ -26,6 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -236,6 +240,92 @@ def run_pipeline_bench(args: argparse.Namespace) -> int:
     return 0 if result["ok"] else 1
 
 
+# ----------------------------------------------------------------------------------- cascade
+#: Shares of images the cascade benchmark's thresholds send through views (the middle one is "its T").
+CASCADE_SHARES = (0.25, 0.5, 0.75)
+
+
+def run_cascade_bench(args: argparse.Namespace) -> int:
+    """Full BiFTA against the cascade at a few ``T`` on the same images, in one run.
+
+    ``T`` values come from a first-stage run (``--method cupl``): each sends about a quarter, half
+    and three quarters of the images through views (``--margin`` replaces the middle one). Encoder
+    work counts every encoder input: whole images, views, and — an upper bound — one more whole
+    image per image that took views (a JPEG whose working resolution differs from the first
+    stage's is encoded at both). Fails when the cascade at its ``T`` does more work than BiFTA.
+    """
+    from bifta_core.cascade import default_thresholds
+    from bifta_core.config import LabelConfig, ModelConfig
+    from pipelines.pipeline import run_label_job
+
+    _check_positive(args, "images", "num_views", "batch_size", "view_batch_size")
+    if args.margin is not None and not args.margin >= 0:
+        raise ConfigError(f"--margin must be a number >= 0, got {args.margin}")
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bifta-bench-cascade-"))
+    location = args.input
+    if not location:
+        location = str(work / "images")
+        _write_images(Path(location), args.images)
+
+    def label(name: str, **overrides) -> dict:
+        config = LabelConfig(
+            input=location, labels=[args.labels], out=str(work / f"out-{name}-{time.time_ns()}"),
+            model=ModelConfig(model=args.model, pretrained=args.pretrained), num_views=args.num_views,
+            batch_size=args.batch_size, view_batch_size=args.view_batch_size, labelset_cache=str(work / "cache"),
+            explain=False, limit=args.images, **overrides).validate()
+        summary = run_label_job(config)
+        if summary["errors"] or not summary["processed"]:
+            raise RuntimeError(f"{name}: {summary['errors']} error rows ({summary['error_reasons']}) in {config.out}")
+        import polars as pl
+
+        rows = pl.read_parquet(f"{config.out}/part-*.parquet")
+        summary["margins"] = rows["margin"].to_list()
+        return summary
+
+    first = label("first", method="cupl")
+    margin_grid = default_thresholds(first["margins"], CASCADE_SHARES)[1:-1]
+    if len(margin_grid) < len(CASCADE_SHARES):  # ties: fall back to the quantiles themselves
+        margin_grid = sorted({float(np.quantile(first["margins"], q)) for q in CASCADE_SHARES})
+    its_t = args.margin if args.margin is not None else margin_grid[len(margin_grid) // 2]
+    thresholds = sorted(set(margin_grid) | {its_t})
+    full = label("full", method="bifta")
+    runs = {t: label(f"t{i}", method="bifta", cascade_margin=t) for i, t in enumerate(thresholds)}
+    if not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+
+    def encoder_inputs(s: dict, cascade: bool) -> float:
+        extra = s["share_with_views"] * s["ok"] if cascade else 0.0
+        return s["ok"] + s["views_encoded"] + extra
+
+    def rate(s: dict) -> float:
+        return s["steady_images_per_second"] or s["images_per_second"]
+
+    full_work = encoder_inputs(full, False)
+    print(f"model {args.model} ({args.pretrained}); {full['processed']} images from {args.input or 'generated JPEGs'}; "
+          f"BiFTA with {args.num_views} views sampled per image; first stage cupl")
+    print(f"{'run':<22}{'images w/ views':>16}{'views/image':>13}{'encoder work':>14}{'images/s':>10}{'speed-up':>10}")
+    print(f"{'bifta (full)':<22}{'100%':>16}{full['views_per_image']:>13.2f}{1.0:>14.3f}{rate(full):>10.3f}{1.0:>10.2f}")
+    result: dict[str, Any] = {"benchmark": "cascade", "images": full["processed"], "model": args.model,
+                              "full_views_per_image": full["views_per_image"],
+                              "full_images_per_s": _sig(rate(full)), "cascade": []}
+    for t, s in runs.items():
+        share = encoder_inputs(s, True) / full_work if full_work else 0.0
+        speedup = rate(s) / rate(full) if rate(full) else 0.0
+        name = f"cascade T={t:.4g}" + (" *" if t == its_t else "")
+        print(f"{name:<22}{100 * s['share_with_views']:>15.0f}%{s['views_per_image']:>13.2f}{share:>14.3f}"
+              f"{rate(s):>10.3f}{speedup:>10.2f}")
+        result["cascade"].append({"threshold": t, "share_with_views": s["share_with_views"],
+                                  "views_per_image": s["views_per_image"], "encoder_work_ratio": _sig(share),
+                                  "images_per_s": _sig(rate(s)), "speedup": _sig(speedup)})
+    ours = next(r for r in result["cascade"] if r["threshold"] == its_t)
+    print(f"* its T = {its_t:.6g}: encoder work {ours['encoder_work_ratio']:.3f} of full BiFTA (target <= 1), "
+          f"images/s x{ours['speedup']:.2f}")
+    result.update(threshold=its_t, encoder_work_ratio=ours["encoder_work_ratio"], speedup=ours["speedup"],
+                  ok=ours["encoder_work_ratio"] <= 1.0)
+    print(json.dumps(result))
+    return 0 if result["ok"] else 1
+
+
 # ----------------------------------------------------------------------------------- pgs
 def _sample_views(paths: list[str], model, views: int, seed: int) -> tuple[torch.Tensor, list[int], torch.Tensor]:
     """BiFTA-preset views (and whole images) of real photos, normalised, as one flat batch."""
@@ -380,6 +470,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--labels", default="cat,dog,car,tree,house,person,boat,bird")
     p.add_argument("--workdir", default=None, help="generated images, outputs and label-set cache (default: temp)")
     p.set_defaults(bench_func=run_pipeline_bench)
+
+    c = sub.add_parser(
+        "cascade", help="cascade vs full BiFTA: views per image, images/s (fails if the cascade does more work)",
+        description="Labels the same images with --method cupl (to pick T), full BiFTA, and the cascade at T "
+                    "values sending about 25/50/75%% of the images through views; prints views per image, encoder "
+                    "work and images/s of each. Fails (exit 1) when the cascade at its T (--margin, else the 50%% "
+                    "one) does more encoder work than full BiFTA.")
+    c.add_argument("--input", default=None, metavar="LOCATION", help="existing images (default: generate JPEGs)")
+    c.add_argument("--model", default="ViT-B-32")
+    c.add_argument("--pretrained", default="random", help="weights (random measures the cost just as well)")
+    c.add_argument("--images", type=int, default=32, help="images to generate, or to use from --input")
+    c.add_argument("--num-views", type=int, default=16)
+    c.add_argument("--batch-size", type=int, default=4)
+    c.add_argument("--view-batch-size", type=int, default=128)
+    c.add_argument("--margin", type=float, default=None, metavar="T", help="the cascade's T (default: the 50%% one)")
+    c.add_argument("--labels", default="cat,dog,car,tree,house,person,boat,bird")
+    c.add_argument("--workdir", default=None, help="generated images, outputs and label-set cache (default: temp)")
+    c.set_defaults(bench_func=run_cascade_bench)
 
     g = sub.add_parser("pgs", help="CLIP-PGS view-encode speed-up and agreement (target >= 1.6x at keep 0.5)")
     g.add_argument("--model", default="ViT-B-32")

@@ -198,6 +198,7 @@ def run_evaluation(
     if not methods:
         raise ConfigError("no method can be evaluated with this label set: " + "; ".join(dict.fromkeys(skipped.values())))
     preset_names = presets_for(methods)
+    spec = options.cascade([m.name for m in methods])  # a cascade row that is not scored fails before any work
 
     storage.check_writable(options.out)
     specs = bank_specs_for(methods, config.desc_threshold, config.desc_top_k, waffle_seed=config.seed,
@@ -265,7 +266,6 @@ def run_evaluation(
     metrics = acc.metrics(options.bins).with_columns(provenance)
     per_class = acc.per_class().with_columns(provenance)
     predictions = acc.predictions().with_columns(provenance)
-    spec = options.cascade([m.name for m in methods])
     curve = cascade_curve(predictions, spec) if spec is not None else None
     cascade = None if curve is None else {
         "first": spec.first, "final": spec.final,

@@ -1,4 +1,4 @@
-"""Smoke tests of ``python -m jobs.bench {pgs,pipeline,pgs-train,scaling}`` and their flag checks.
+"""Smoke tests of ``python -m jobs.bench {pgs,pipeline,cascade,pgs-train,scaling}`` and their flag checks.
 
 The benchmarks run for real but tiny (``bifta-tiny-vit``, 64-px inputs, a handful of images), so
 their targets may well be missed: exit 1 is as good as 0 here. What is checked is the contract:
@@ -76,6 +76,17 @@ def test_pipeline_bench_smoke(tmp_path):
         result["bare_encoder_images_per_s"] * result["encoders"], rel=1e-3)
     assert result["ratio"] == pytest.approx(
         result["pipeline_images_per_s"] / result["bare_encoders_images_per_s"], rel=1e-2)
+
+
+def test_cascade_bench_smoke(tmp_path):
+    code, result, _ = _bench("cascade", *TINY, "--images", "8", "--num-views", "4", "--workdir",
+                             str(tmp_path / "work"), timeout=240)
+    assert result["benchmark"] == "cascade" and result["images"] == 8
+    assert [r["share_with_views"] for r in result["cascade"]] == sorted(r["share_with_views"] for r in result["cascade"])
+    ours = next(r for r in result["cascade"] if r["threshold"] == result["threshold"])
+    # fewer images through views is less encoder work; its T sends about half of them
+    assert 0 < ours["share_with_views"] < 1 and ours["encoder_work_ratio"] < 1 and code == 0
+    assert ours["views_per_image"] < result["full_views_per_image"]
 
 
 def test_pipeline_bench_fails_on_error_rows(tmp_path):

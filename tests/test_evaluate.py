@@ -547,6 +547,8 @@ def test_old_or_foreign_embeddings_files_are_one_clear_error(label_set: Path, tm
     (["--bins", "ten"], "--bins"),
     (["--view-preset", "wca"], "--view-preset"),
     (["--from-embeddings", "x", "--save-embeddings"], "exclude each other"),
+    (["--cascade-first", "bifta"], "whole-image row"),
+    (["--cascade-method", "cupl"], "row scored on views"),
 ])
 def test_bad_flags_are_one_error_line_before_any_work(flags: list[str], message: str, label_set: Path,
                                                       manifest: Path, tmp_path: Path, capsys, monkeypatch) -> None:
@@ -579,3 +581,31 @@ def test_report_echoes_a_released_preset(evaluated: Path) -> None:
     assert "num_views 300" in report and "bifta0.99_top50" in report  # values and the released-code note
     rows = pl.read_parquet(evaluated / "metrics.parquet")["method"].to_list()
     assert {"waffle", "wca-grid", "bifta-grid"} <= set(rows)
+
+
+def test_cascade_curve_ends_are_the_first_stage_and_full_method_rows(evaluated: Path) -> None:
+    """cascade.parquet from the one encoding pass: T = 0 is the cupl row of metrics.parquet, T = inf
+    the bifta row (all-views accuracy: this run also has the repeated-run protocol), and the report
+    plots it and names the cheapest T within 1 and 0.5 top-1 points of BiFTA."""
+    curve = pl.read_parquet(evaluated / "cascade.parquet")
+    metrics = {r["method"]: r for r in pl.read_parquet(evaluated / "metrics.parquet").to_dicts()}
+    rows = {r["threshold"]: r for r in curve.to_dicts()}
+    assert set(curve["first"]) == {"cupl"} and set(curve["final"]) == {"bifta"}
+    zero, full = rows[0.0], rows[float("inf")]
+    assert (zero["top1"], zero["top5"]) == (metrics["cupl"]["top1"], metrics["cupl"]["top5"])
+    assert zero["views_per_image"] == 0 and zero["share_with_views"] == 0
+    assert (full["top1"], full["top5"]) == (metrics["bifta"]["top1_full"], metrics["bifta"]["top5_full"])
+    bifta_views = _predictions(evaluated).filter(pl.col("method") == "bifta")["views_encoded"]
+    assert full["views_per_image"] == pytest.approx(bifta_views.mean()) and bifta_views.min() > 0
+    assert curve.height > 2 and curve["share_with_views"].is_sorted()  # a grid between the two ends
+    summary = json.loads((evaluated / "evaluate_summary.json").read_text())
+    recommended = summary["cascade"]["recommended"]
+    assert set(recommended) == {"1%", "0.5%"}
+    for tol, row in recommended.items():
+        assert row["top1"] >= full["top1"] - float(tol.rstrip("%")) / 100 - 1e-9
+        cheaper = curve.filter(pl.col("views_per_image") < row["views_per_image"])
+        assert (cheaper["top1"] < full["top1"] - float(tol.rstrip("%")) / 100 - 1e-9).all()
+    report = (evaluated / "report.md").read_text()
+    assert "## Cascade" in report and "![cascade](cascade.png)" in report
+    assert f"--cascade-margin {recommended['1%']['threshold']:.6g}" in report
+    assert (evaluated / "cascade.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
