@@ -82,6 +82,10 @@ class LabelConfig:
     cascade_margin: float | None = None  # T (None: no cascade; inf: views for every image)
     cascade_first: str = DEFAULT_FIRST_STAGE  # the whole-image method that decides first
     explain: bool = True
+    # Kept embeddings (bifta_core.saved_embeddings), for `bifta relabel`
+    save_embeddings: bool = False  # the whole-image embedding of every image, next to each part file
+    save_view_embeddings: bool = False  # also the encoded views, their boxes and weights (implies the above)
+    embeddings_dtype: str = "float16"
     shard_size: int = 20_000  # inputs per shard = per output file (~5,000 files at 100M images)
     retry_errors: bool = False  # redo the shards whose files hold error rows
     # S3 settings as flags (else the standard AWS environment); never credentials
@@ -181,6 +185,17 @@ class LabelConfig:
         if not isinstance(self.cascade_first, str):
             raise ConfigError(f"--cascade-first must be a method name, got {self.cascade_first!r}")
         check_cascade(self.method, self.cascade_first, self.cascade_margin)
+        for flag, value in (("--save-embeddings", self.save_embeddings),
+                            ("--save-view-embeddings", self.save_view_embeddings), ("--no-explain", self.explain)):
+            if not isinstance(value, bool):
+                raise ConfigError(f"{flag} is a switch (true or false), got {value!r}")
+        if self.save_view_embeddings:
+            if not self.uses_views:
+                raise ConfigError(f"--save-view-embeddings needs a method that encodes views (wca, bifta), "
+                                  f"not {self.method}")
+            self.save_embeddings = True
+        if self.embeddings_dtype not in ("float16", "float32"):
+            raise ConfigError(f"--embeddings-dtype must be float16 or float32, got {self.embeddings_dtype!r}")
         if self.aggregation not in AGGREGATIONS:
             raise ConfigError(f"--aggregation must be one of {', '.join(AGGREGATIONS)}, got '{self.aggregation}'")
         _positive("--num-views", self.num_views)

@@ -16,13 +16,14 @@ from bifta_core.errors import BiftaUserError
 #: sub-command -> (module, one-line help)
 COMMANDS = {
     "label": ("jobs.label", "label images with a label set (Ray Data pipeline)"),
+    "relabel": ("jobs.relabel", "score embeddings kept by `label --save-embeddings` against a new label set"),
     "evaluate": ("jobs.evaluate", "score every method on a labelled dataset from one encoding pass"),
     "report": ("jobs.report", "summarise a prediction folder with polars"),
     "describe": ("jobs.describe", "generate class descriptions with an LLM"),
     "labelset": ("jobs.labelset", "build a reusable label-set artifact"),
     "presets": ("jobs.presets", "list the released WCA/BiFTA configurations --preset accepts"),
     "train": ("jobs.train", "CLIP / CLIP-PGS contrastive training on Ray Train"),
-    "bench": ("jobs.bench", "benchmarks (pipeline, scaling, pgs, pgs-train)"),
+    "bench": ("jobs.bench", "benchmarks (pipeline, cascade, relabel, scaling, pgs, pgs-train)"),
     "demo": ("jobs.demo", "label the bundled example photos end to end"),
 }
 

@@ -122,6 +122,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--no-explain", dest="explain", action="store_false", default=s,
                    help="skip the explanation column")
     e.add_argument("--quiet", action="store_true", help="no progress lines")
+    k = parser.add_argument_group("kept embeddings (for `bifta relabel`)")
+    k.add_argument("--save-embeddings", action="store_true", default=s,
+                   help="keep each image's whole-image embedding in OUT/_embeddings/ (one file per part file)")
+    k.add_argument("--save-view-embeddings", action="store_true", default=s,
+                   help="also keep the encoded views' embeddings, boxes and weights (wca, bifta; ~100 KB per image "
+                        "at 100 views in float16)")
+    k.add_argument("--embeddings-dtype", choices=["float16", "float32"], default=s,
+                   help="stored precision (float16: half the bytes; float32: relabel reproduces label's scores exactly)")
     s3 = parser.add_argument_group("S3 (default: the standard AWS environment; credentials only from there)")
     s3.add_argument("--s3-endpoint-url", default=s, help="S3-compatible endpoint, e.g. http://minio:9000")
     s3.add_argument("--s3-region", default=s, help="S3 region")
@@ -165,6 +173,8 @@ def format_summary(summary: dict[str, Any]) -> str:
                                      f"{summary['cascade']['margin']})" if summary.get("cascade") else ""),
         f"  files         {summary['files_written']} written, {summary['rows_written']} rows",
     ]
+    if summary.get("embeddings"):
+        lines.append(f"  embeddings    {summary['embeddings']} (bifta relabel {summary['out']} --labels NEW --out OUT2)")
     if summary["error_reasons"]:
         lines.append("  error reasons " + "; ".join(f"{k} ×{v}" for k, v in summary["error_reasons"].items()))
     if summary.get("random_weights"):

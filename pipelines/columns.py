@@ -25,6 +25,7 @@ COLUMN_TYPES: dict[str, pa.DataType] = {
     "work": pa.binary(),
     "crops": pa.binary(),
     "boxes": pa.binary(),
+    "boxes_original": pa.binary(),
     "view_kept": pa.binary(),
     "work_hw": pa.list_(pa.int32()),
     "views_generated": pa.int32(),

@@ -9,6 +9,7 @@ label set happens here too (``pipelines.score``), so embeddings never leave the 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -158,6 +159,7 @@ class EncodeStage:
         torch_threads: int | None = None,
         start_gate: Any = None,
         cascade: dict | None = None,
+        keep: dict | None = None,
     ) -> None:
         import ray
 
@@ -174,7 +176,8 @@ class EncodeStage:
                                    pgs_whole_image=pgs_whole_image)
         self.method = method
         self.uses_views = METHODS[method].uses_views
-        params = ScoreParams(**score_params)
+        params = self.score_params = ScoreParams(**score_params)
+        self.keep = keep  # ``{"views": bool}``: emit the embeddings (bifta_core.saved_embeddings) with the rows
         self.scorer = Scorer(label_sets, method=method, bank_key=bank_key, params=params,
                              k=top_k, with_explanations=explain, device=self.model.device)
         # A cascade (bifta_core.cascade): ``{"margin": T, "first": method, "bank_key": its bank}``.
@@ -190,17 +193,19 @@ class EncodeStage:
         n = len(batch["image_id"])
         ok = [i for i in range(n) if batch["status"][i] == "ok"]
         predictions: list[dict[str, list]] = []
+        encoded = None
         if ok:
             ids = [str(batch["image_id"][i]) for i in ok]
             image_emb = self.encoder.encode_whole([batch["whole"][i] for i in ok], ids)
             if self.cascade is not None:
-                predictions = self._cascade(batch, ok, ids, image_emb)
+                predictions, encoded = self._cascade(batch, ok, ids, image_emb)
             else:
-                view_emb = view_mask = None
+                encoded = Encoded(image_emb)
                 if self.uses_views:
-                    view_emb, view_mask = self._views(batch, ok, ids)
-                predictions = self.scorer.predict(image_emb, view_emb, view_mask)
-                views = view_mask.sum(dim=1).tolist() if view_mask is not None else [0] * len(ok)
+                    encoded = self._encode_views(batch, ok, ids, image_emb, np.arange(len(ok)))
+                predictions = self.scorer.predict(encoded.view_image if encoded.has_views else image_emb,
+                                                  encoded.view_emb, encoded.view_mask)
+                views = encoded.views_per_image(len(ok)).tolist()
                 for cols in predictions:
                     cols.update(decided_by=[self.method] * len(ok), views_encoded=views)
         meta = {k: list(batch[k]) for k in ("image_id", "uri", "status", "error", "views_generated", "views_kept")}
@@ -208,41 +213,97 @@ class EncodeStage:
             meta["true_label"] = list(batch["true_label"])
         # An explicit schema keeps every block identical, even one made only of error rows.
         table = pa.table(build_rows(meta, ok, predictions, self.label_sets, self.ctx), schema=self.schema)
+        if self.keep is not None:  # the embeddings ride on the first label set's rows, to the shard's writer
+            for name, column in kept_columns(encoded, batch, ok, n, len(self.label_sets), self.keep,
+                                             self.score_params.image_scale).items():
+                table = table.append_column(name, column)
         if "shard" in batch:  # the output shard travels with its rows (one row per image and label set)
             shard = pa.array([str(s) for s in batch["shard"]] * len(self.label_sets), pa.string())
             table = table.append_column("shard", shard)
         return table
 
-    def _views(self, batch: dict[str, np.ndarray], rows: list[int], ids: list[str]):
-        """``(view_emb, view_mask)`` of the batch rows ``rows`` (their views cut and encoded)."""
-        return self.encoder.encode_views(
+    def _encode_views(self, batch: dict[str, np.ndarray], ok: list[int], ids: list[str], image_emb: torch.Tensor,
+                      sub: np.ndarray) -> "Encoded":
+        """Views of the ok images ``sub`` (positions in ``ok``) cut and encoded, with the whole image
+        their weights compare them to: the working decode's where it differs from ``image_emb``'s
+        (a JPEG decoded at another DCT scale), else the same embedding."""
+        rows, sub_ids = [ok[j] for j in sub], [ids[j] for j in sub]
+        alternative = [batch["view_whole"][i] for i in rows] if "view_whole" in batch else []
+        if any(alternative):
+            view_image = self.encoder.encode_whole([alt or batch["whole"][i] for alt, i in zip(alternative, rows)],
+                                                   sub_ids)
+        else:
+            view_image = image_emb[torch.from_numpy(sub).to(image_emb.device)]
+        view_emb, view_mask = self.encoder.encode_views(
             [batch["work"][i] for i in rows], [tuple(batch["work_hw"][i]) for i in rows],
-            [batch["boxes"][i] for i in rows], ids, [batch["crops"][i] for i in rows],
+            [batch["boxes"][i] for i in rows], sub_ids, [batch["crops"][i] for i in rows],
         )
+        return Encoded(image_emb, sub=sub, view_image=view_image, view_emb=view_emb, view_mask=view_mask)
 
     def _cascade(self, batch: dict[str, np.ndarray], ok: list[int], ids: list[str],
-                 image_emb: torch.Tensor) -> list[dict[str, list]]:
+                 image_emb: torch.Tensor) -> tuple[list[dict[str, list]], "Encoded"]:
         """First stage on the whole image; views, and the method, only for the images some label
         set is unsure of (margin < T, :func:`bifta_core.cascade.needs_views`)."""
         first = self.first_scorer.predict(image_emb, None, None)
         unsure_by_set = [needs_views(cols["margin"], self.cascade["margin"]) for cols in first]
         sub = np.flatnonzero(np.logical_or.reduce(unsure_by_set))
-        views = np.zeros(len(ok), dtype=np.int64)
-        final = None
+        encoded, final = Encoded(image_emb), None
         if sub.size:
-            rows, sub_ids = [ok[j] for j in sub], [ids[j] for j in sub]
-            # View weights compare views with the whole image at the views' working resolution: the
-            # same pixels as the first stage's unless a JPEG was decoded at another DCT scale.
-            alternative = [batch["view_whole"][i] for i in rows]
-            if any(alternative):
-                view_image = self.encoder.encode_whole(
-                    [alt or batch["whole"][i] for alt, i in zip(alternative, rows)], sub_ids)
-            else:
-                view_image = image_emb[torch.from_numpy(sub).to(image_emb.device)]
-            view_emb, view_mask = self._views(batch, rows, sub_ids)
-            final = self.scorer.predict(view_image, view_emb, view_mask)
-            views[sub] = view_mask.sum(dim=1).cpu().numpy()
-        return merge_cascade(first, final, unsure_by_set, sub, views, (self.cascade["first"], self.method))
+            encoded = self._encode_views(batch, ok, ids, image_emb, sub)
+            final = self.scorer.predict(encoded.view_image, encoded.view_emb, encoded.view_mask)
+        views = encoded.views_per_image(len(ok))
+        return merge_cascade(first, final, unsure_by_set, sub, views, (self.cascade["first"], self.method)), encoded
+
+
+@dataclass
+class Encoded:
+    """A batch's embeddings: every ok image's whole image, and the views of the ok images ``sub``
+    (positions among the ok images) with the whole image their weights compare them to."""
+
+    image_emb: torch.Tensor  # [n_ok, D]
+    sub: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    view_image: torch.Tensor | None = None  # [len(sub), D]
+    view_emb: torch.Tensor | None = None  # [len(sub), V, D]
+    view_mask: torch.Tensor | None = None  # [len(sub), V]
+
+    @property
+    def has_views(self) -> bool:
+        return self.view_mask is not None
+
+    def views_per_image(self, n_ok: int) -> np.ndarray:
+        """Views encoded per ok image (0 outside ``sub``)."""
+        views = np.zeros(n_ok, dtype=np.int64)
+        if self.view_mask is not None:
+            views[self.sub] = self.view_mask.sum(dim=1).cpu().numpy()
+        return views
+
+
+def kept_columns(encoded: Encoded | None, batch: dict[str, np.ndarray], ok: list[int], n: int, label_sets: int,
+                 keep: dict, image_scale: float) -> dict[str, pa.Array]:
+    """The :data:`bifta_core.saved_embeddings.FLAT_FIELDS` columns of a batch's rows: values on the
+    first label set's rows (one per input, null on error rows), null on the others."""
+    from bifta_core.saved_embeddings import FLAT_FIELDS
+    from bifta_core.scoring import view_weights
+
+    total = n * label_sets
+    values: dict[str, list] = {f.name: [None] * total for f in FLAT_FIELDS}
+    values["emb_row"] = [i < n for i in range(total)]
+    if encoded is not None:
+        image = encoded.image_emb.float().cpu().numpy()
+        for j, i in enumerate(ok):
+            values["emb_image"][i] = image[j]
+        if keep.get("views") and encoded.has_views:
+            weights = view_weights(encoded.view_emb, encoded.view_mask, encoded.view_image, image_scale).cpu().numpy()
+            view_image = encoded.view_image.float().cpu().numpy()
+            view_emb = encoded.view_emb.float().cpu().numpy()
+            counts = encoded.view_mask.sum(dim=1).cpu().numpy()
+            for k, j in enumerate(encoded.sub.tolist()):
+                i, c = ok[j], int(counts[k])
+                values["emb_view_image"][i] = view_image[k]
+                values["emb_views"][i] = view_emb[k, :c].reshape(-1)
+                values["emb_view_boxes"][i] = np.frombuffer(batch["boxes_original"][i], dtype=np.int32)[: 4 * c]
+                values["emb_view_weights"][i] = weights[k, :c]
+    return {f.name: pa.array(values[f.name], f.type) for f in FLAT_FIELDS}
 
 
 def load_gpu_checked_model(model_cfg: dict, gpu_ids: list) -> ClipModel:

@@ -21,9 +21,11 @@ from typing import Any, Callable
 import pyarrow as pa
 import ray
 
+from bifta_core import storage
 from bifta_core.config import LabelConfig
 from bifta_core.methods import METHODS, ViewPreset
 from bifta_core.errors import BiftaUserError, ConfigError, StorageError
+from bifta_core.saved_embeddings import SAVED_DIR, SAVED_FORMAT
 from bifta_core.models import config_fingerprint, is_vit_architecture, model_preprocess, model_provenance
 from pipelines.encode import EncodeStage
 from pipelines.inputs import Listing, ListingOptions, build_listing, normalise_spec, plan_sources, read_listing, shards_stage
@@ -86,12 +88,15 @@ def model_facts(config: LabelConfig, use_gpu: bool) -> dict[str, Any]:
     from pipelines.label_set import label_set_identity
 
     m = config.model
+    from pipelines.embed import model_embed_dim
+
     return {"label_set_identity": label_set_identity(config), "provenance": model_provenance_of(config, use_gpu),
-            "preprocess": model_preprocess(m.model, m.pretrained), "is_vit": is_vit_architecture(m.model)}
+            "preprocess": model_preprocess(m.model, m.pretrained), "is_vit": is_vit_architecture(m.model),
+            "embed_dim": model_embed_dim(m.model)}
 
 
 #: Bump when what :func:`model_facts` returns changes shape or meaning (old cached facts are then ignored).
-FACTS_FORMAT = 1
+FACTS_FORMAT = 2
 
 
 def _facts_cache_path(config: LabelConfig, use_gpu: bool) -> str | None:
@@ -226,8 +231,6 @@ def _check_listing(listing: Listing | None, config: LabelConfig) -> None:
 
 def run_label_job(config: LabelConfig, *, on_progress: Callable[[dict], None] | None = None) -> dict[str, Any]:
     """Label every input of ``config``; returns the summary also written to ``OUT/_bifta_summary.json``."""
-    from bifta_core import storage
-
     config.validate()
     started = time.time()
     # S3 flags become the standard variables here, and reach every Ray task/actor via runtime_env.
@@ -302,6 +305,9 @@ def _run(config: LabelConfig, started: float, on_progress, plan, run_id: str,
         listing = _build_listing(config, env, sources)
     sizes = dict(listing.shards)
     done = finished_shards(config.out) & set(sizes)
+    keep = kept_embeddings_settings(config, facts, run_id) if config.save_embeddings else None
+    if keep is not None:  # a shard whose embeddings are missing (saved since, or lost) is redone whole
+        done &= finished_shards(storage.join(config.out, SAVED_DIR))
     redo = (shards_with_errors(config.out) & done) if config.retry_errors else set()
     todo = [(s, n) for s, n in listing.shards if s not in done or s in redo]
     skipped = sum(sizes[s] for s in done - redo)
@@ -314,7 +320,7 @@ def _run(config: LabelConfig, started: float, on_progress, plan, run_id: str,
     stages = label_stages(config, res, label_sets, run_id, schema, listing.has_truth, facts["preprocess"])
     totals = run_shards(config.out, todo, stages, writers=res.writers, schema=schema, env=env,
                         file_metadata={"bifta.run_id": run_id}, on_progress=on_progress,
-                        total=listing.images - skipped, rows_per_input=len(label_sets))
+                        total=listing.images - skipped, rows_per_input=len(label_sets), embeddings=keep)
     finished = time.time()
     elapsed = finished - encode_started
     steady = totals.steady_rate(finished)
@@ -338,6 +344,7 @@ def _run(config: LabelConfig, started: float, on_progress, plan, run_id: str,
         "model": config.model.model,
         "pretrained": config.model.pretrained,
         "random_weights": config.model.pretrained == "random",
+        "embeddings": storage.join(config.out, SAVED_DIR) if keep else None,
         "files_written": totals.files,
         "rows_written": totals.rows,
         "encode_seconds": round(elapsed, 3),
@@ -362,7 +369,9 @@ def label_stages(config: LabelConfig, res: Resources, label_sets, run_id: str, s
         read_stage(config.batch_size),
         views_stage(batch_size=config.batch_size, max_actors=res.decoders, use_gpu=res.use_gpu, image_size=preprocess["size"],
                     preset=preset, seed=config.seed, max_pixels=config.max_pixels,
-                    resize_mode=preprocess["resize_mode"], cascade=config.cascade),
+                    resize_mode=preprocess["resize_mode"],
+                    # the first stage and kept embeddings see the whole image as a whole-image method does
+                    global_whole=config.cascade or config.save_embeddings, precut=not config.cascade),
         encode_stage(config, res, dict(
             model_cfg=model_config(config), label_set_refs=[ray.put(ls) for ls in label_sets], method=config.method,
             bank_key=specs[0].key if specs else None,
@@ -370,8 +379,25 @@ def label_stages(config: LabelConfig, res: Resources, label_sets, run_id: str, s
                               aggregation=config.aggregation),
             top_k=config.top_k, view_batch_size=config.view_batch_size, seed=config.seed,
             pgs_keep=config.pgs_keep, pgs_whole_image=config.pgs_whole_image, explain=config.explain,
-            run_id=run_id, schema=schema, cascade=cascade_args(config))),
+            run_id=run_id, schema=schema, cascade=cascade_args(config),
+            keep={"views": config.save_view_embeddings} if config.save_embeddings else None)),
     ]
+
+
+def kept_embeddings_settings(config: LabelConfig, facts: dict[str, Any], run_id: str) -> dict[str, Any]:
+    """What the writers need to keep a shard's embeddings (:mod:`bifta_core.saved_embeddings`),
+    with the metadata ``bifta relabel`` checks its model against."""
+    m = config.model
+    meta = {"format": SAVED_FORMAT, "model": facts["provenance"], "dim": facts["embed_dim"],
+            "dtype": config.embeddings_dtype, "views": config.save_view_embeddings,
+            "model_config": {"model": m.model, "pretrained": m.pretrained, "quick_gelu": m.quick_gelu,
+                             "precision": m.precision},
+            "label_set_identity": facts["label_set_identity"], "method": config.method, "seed": config.seed,
+            "view_preset": view_identity(config.view_preset()) if config.uses_views else None,
+            "pgs_keep": config.pgs_keep, "pgs_whole_image": config.pgs_whole_image,
+            "image_scale": config.image_scale, "run_id": run_id, "input": normalise_spec(config.input)}
+    return {"dim": int(facts["embed_dim"]), "dtype": config.embeddings_dtype, "views": config.save_view_embeddings,
+            "meta": meta}
 
 
 def cascade_args(config: LabelConfig) -> dict[str, Any] | None:

@@ -283,7 +283,8 @@ class ShardTotals:
 def run_shards(out: str, todo: list[tuple[str, int]], stages: Sequence[Stage], *, writers: int, schema: Any,
                env: dict[str, str], file_metadata: dict[str, str] | None = None,
                on_progress: Callable[[dict], None] | None = None, total: int | None = None,
-               finalize: Callable[[Any], Any] | None = None, rows_per_input: int = 1) -> ShardTotals:
+               finalize: Callable[[Any], Any] | None = None, rows_per_input: int = 1,
+               embeddings: dict[str, Any] | None = None) -> ShardTotals:
     """Run ``stages`` over the shards ``todo`` (``[(name, inputs)]``) until each one's file is published.
 
     Each pass gets fresh writer actors; shards a pass leaves incomplete (a writer lost mid-run) are
@@ -296,7 +297,8 @@ def run_shards(out: str, todo: list[tuple[str, int]], stages: Sequence[Stage], *
         if not todo:
             return totals
         left = _run_pass(out, todo, stages, writers, schema, env, file_metadata or {}, totals, on_progress,
-                         total if total is not None else sum(sizes.values()), started, finalize, rows_per_input)
+                         total if total is not None else sum(sizes.values()), started, finalize, rows_per_input,
+                         embeddings)
         todo = [(s, sizes[s]) for s in sorted(left)]
         if todo and attempt + 1 < MAX_PASSES:
             logger.warning("%d shard(s) were left incomplete (a worker was lost); pass %d of %d redoes them",
@@ -319,7 +321,8 @@ def _with_gate(stage: Stage, gate: Any) -> Stage:
 
 def _run_pass(out: str, todo: list[tuple[str, int]], stages: Sequence[Stage], n_writers: int, schema: Any,
               env: dict[str, str], file_metadata: dict[str, str], totals: ShardTotals, on_progress,
-              total: int, started: float, finalize: Callable[[Any], Any] | None, rows_per_input: int) -> set[str]:
+              total: int, started: float, finalize: Callable[[Any], Any] | None, rows_per_input: int,
+              embeddings: dict[str, Any] | None = None) -> set[str]:
     """One pass with fresh writers → shards left incomplete."""
     import ray
 
@@ -330,7 +333,7 @@ def _run_pass(out: str, todo: list[tuple[str, int]], stages: Sequence[Stage], n_
     actor = ray.remote(ShardWriter).options(num_cpus=0, max_restarts=2, max_task_retries=2,
                                             scheduling_strategy="SPREAD", **env_args(env, gpu=False))
     writers = [actor.remote(out, schema, writer=(w, n_writers), file_metadata=file_metadata, finalize=finalize,
-                            rows_per_input=rows_per_input) for w in range(n_writers)]
+                            rows_per_input=rows_per_input, embeddings=embeddings) for w in range(n_writers)]
     # An embedded run holds its first stage until an encoder is up (see StartGate); a cluster's
     # GPU nodes may take minutes to come up, and reading ahead meanwhile costs it nothing.
     gated = {"wait", "open"} <= {s.start_gate for s in stages}  # something waits, and something opens

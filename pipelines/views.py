@@ -49,7 +49,8 @@ class ViewStage:
     """
 
     def __init__(self, *, image_size: int, preset: dict | None, seed: int, max_pixels: int,
-                 all_views: bool = False, resize_mode: str = "shortest", cascade: bool = False) -> None:
+                 all_views: bool = False, resize_mode: str = "shortest", global_whole: bool = False,
+                 precut: bool = True) -> None:
         self.image_size = image_size
         self.resize_mode = resize_mode
         self.preset = ViewPreset(**{**preset, "scale": tuple(preset["scale"])}) if preset else None
@@ -57,12 +58,15 @@ class ViewStage:
         self.max_pixels = max_pixels
         self.all_views = all_views
         self.min_side = working_min_side(image_size, self.preset.scale[0] if self.preset else None)
-        # A cascade's first stage scores the whole image as a whole-image method decodes it; the
-        # encoder cuts views (from the working image, never pre-cut here) only for unsure images.
-        self.cascade = cascade and self.preset is not None
+        # ``global_whole``: ``whole`` is the image as a whole-image method decodes it (a cascade's first
+        # stage, saved embeddings), ``view_whole`` the working decode's where it differs. Without
+        # ``precut`` the encoder cuts every view (a cascade cuts views only for unsure images).
+        self.global_whole = global_whole and self.preset is not None
+        self.precut = precut
 
-    def _views(self, image_id: str, decoded) -> tuple[np.ndarray, int, np.ndarray]:
-        """→ (boxes on the working image, number sampled, kept mask aligned with the boxes)."""
+    def _views(self, image_id: str, decoded) -> tuple[np.ndarray, int, np.ndarray, np.ndarray]:
+        """→ (boxes on the working image, number sampled, kept mask aligned with the boxes, the same
+        boxes in original pixels)."""
         p = self.preset
         boxes = generate_boxes(p, decoded.width, decoded.height, generator_for(self.seed, image_id))
         kept_idx = refine_boxes(boxes, p.iou_threshold, p.max_views)
@@ -73,7 +77,8 @@ class ViewStage:
         else:
             chosen = boxes[kept_idx]
             mask = np.ones(int(kept_idx.shape[0]), dtype=np.uint8)
-        return boxes_to_working(chosen, decoded).numpy().astype(np.int32), int(boxes.shape[0]), mask
+        return (boxes_to_working(chosen, decoded).numpy().astype(np.int32), int(boxes.shape[0]), mask,
+                chosen.numpy().astype(np.int32))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         n = len(batch["image_id"])
@@ -83,13 +88,14 @@ class ViewStage:
         generated, kept = [0] * n, [0] * n
         kept_masks = [_EMPTY] * n
         crops = [_EMPTY] * n
-        view_whole = [_EMPTY] * n  # cascade: the working decode's whole image where it differs from ``whole``
+        view_whole = [_EMPTY] * n  # global_whole: the working decode's whole image where it differs from ``whole``
+        boxes_original = [_EMPTY] * n
         for i in range(n):
             if status[i] != "ok":
                 continue
             decoded, reason = decode_or_error(batch["data"][i], max_pixels=self.max_pixels, min_side=self.min_side,
                                               whole_size=self.image_size, resize_mode=self.resize_mode,
-                                              global_min_side=self.image_size if self.cascade else None)
+                                              global_min_side=self.image_size if self.global_whole else None)
             if decoded is None:
                 status[i], error[i] = "error", reason
                 continue
@@ -97,12 +103,13 @@ class ViewStage:
             if decoded.global_whole is not None:
                 whole[i], view_whole[i] = decoded.global_whole.numpy().tobytes(), whole[i]
             if self.preset is not None:
-                b, generated[i], mask = self._views(str(batch["image_id"][i]), decoded)
+                b, generated[i], mask, original = self._views(str(batch["image_id"][i]), decoded)
                 kept[i] = int(mask.sum())
                 kept_masks[i] = mask.tobytes()
                 boxes[i] = b.tobytes()
+                boxes_original[i] = original.tobytes()
                 s = self.image_size
-                if not self.cascade and b.shape[0] * 3 * s * s < decoded.pixels.size:
+                if self.precut and b.shape[0] * 3 * s * s < decoded.pixels.size:
                     # The crops are smaller than the decoded image: ship those (bounded by views × S²).
                     crops[i] = cut_crops(decoded.pixels, b, s).numpy().tobytes()
                 else:
@@ -116,13 +123,14 @@ class ViewStage:
             work=np.array(work, dtype=object),
             work_hw=np.array(work_hw, dtype=np.int32).reshape(n, 2),
             boxes=np.array(boxes, dtype=object),
+            boxes_original=np.array(boxes_original, dtype=object),
             crops=np.array(crops, dtype=object),
             views_generated=np.array(generated, dtype=np.int32),
             views_kept=np.array(kept, dtype=np.int32),
         )
         if self.all_views:
             out["view_kept"] = np.array(kept_masks, dtype=object)
-        if self.cascade:
+        if self.global_whole:
             out["view_whole"] = np.array(view_whole, dtype=object)
         return to_table(out)
 

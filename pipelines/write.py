@@ -167,9 +167,18 @@ class ShardWriter:
 
     def __init__(self, out: str, schema: pa.Schema, expected: dict[str, int] | None = None, *,
                  writer: tuple[int, int] | None = None, file_metadata: dict[str, str] | None = None,
-                 finalize: Callable[[pa.Table], pa.Table] | None = None, rows_per_input: int = 1) -> None:
+                 finalize: Callable[[pa.Table], pa.Table] | None = None, rows_per_input: int = 1,
+                 embeddings: dict[str, Any] | None = None) -> None:
         self.out = out
         self.schema = schema
+        # ``{"dim", "dtype", "views", "meta"}``: the rows carry embeddings, kept next to each part file
+        # (bifta_core.saved_embeddings); the buffered rows then have those columns too.
+        self.embeddings = embeddings
+        self._buffered = schema
+        if embeddings is not None:
+            from bifta_core.saved_embeddings import FLAT_FIELDS
+
+            self._buffered = pa.schema([*schema, *FLAT_FIELDS])
         if expected is None:  # writer (i, n): its shards of the pass plan the driver saved under ``out``
             i, n = writer or (0, 1)
             plan = read_json(out, PASS_FILE) or {}
@@ -202,8 +211,8 @@ class ShardWriter:
                 continue
             seen.update(keys)
             self._started.setdefault(shard, time.time())
-            self._tables.setdefault(shard, []).append(part.drop_columns([SHARD_COLUMN]).select(self.schema.names)
-                                                      .cast(self.schema))
+            self._tables.setdefault(shard, []).append(part.drop_columns([SHARD_COLUMN]).select(self._buffered.names)
+                                                      .cast(self._buffered))
             if len(seen) >= self.expected[shard] * self.rows_per_input:
                 published.append(self._publish(shard))
         return published
@@ -218,6 +227,9 @@ class ShardWriter:
     def _publish(self, shard: str) -> dict[str, Any]:
         table = pa.concat_tables(self._tables.pop(shard)).sort_by(self._sort)
         stats = shard_stats(table, shard, time.time() - self._started.pop(shard))
+        if self.embeddings is not None:  # published first: a part file's embeddings exist once it does
+            self._publish_embeddings(table, shard, stats)
+            table = table.select(self.schema.names)
         if self.finalize is not None:
             table = self.finalize(table)
         meta = {**(table.schema.metadata or {}), **self.file_metadata, STATS_KEY: json.dumps(stats).encode()}
@@ -227,6 +239,16 @@ class ShardWriter:
         storage.write_bytes_atomic(storage.join(self.out, part_name(shard)), sink.getvalue().to_pybytes())
         del self._seen[shard]
         return stats
+
+    def _publish_embeddings(self, table: pa.Table, shard: str, stats: dict[str, Any]) -> None:
+        from bifta_core.saved_embeddings import SAVED_DIR, to_stored
+
+        e = self.embeddings
+        saved = to_stored(table, e["dim"], e["dtype"], e["views"], e["meta"])
+        meta = {**saved.schema.metadata, STATS_KEY: json.dumps(stats).encode()}
+        sink = pa.BufferOutputStream()
+        pq.write_table(saved.replace_schema_metadata(meta), sink, compression="zstd")
+        storage.write_bytes_atomic(storage.join(self.out, SAVED_DIR, part_name(shard)), sink.getvalue().to_pybytes())
 
     def open_shards(self) -> dict[str, int]:
         """Shards with rows buffered but not yet complete → rows received (none after a clean run)."""
