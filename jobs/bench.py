@@ -1,4 +1,4 @@
-"""``python -m jobs.bench {pipeline,cascade,pgs,pgs-train,scaling}`` — benchmarks that print figures and fail on a miss.
+"""``python -m jobs.bench {pipeline,cascade,relabel,pgs,pgs-train,scaling}`` — benchmarks that print figures and fail on a miss.
 
 Each benchmark measures its ratios within one run (machines are noisy), prints human-readable
 figures, ends with one JSON line, and exits 1 when its target is missed. They are jobs like any
@@ -11,6 +11,8 @@ other: submit them to a cluster to size it.
 - ``cascade``: full BiFTA against the cascade (``--cascade-margin``) at a few ``T`` on the same
   images: views encoded per image, encoder work and images/s. Target: the cascade at its ``T``
   does no more encoder work than full BiFTA.
+- ``relabel``: ``bifta relabel`` of kept embeddings against ``bifta label --method cupl`` on the
+  same images: images/s of each, their ratio, and bytes of embeddings per image. Target: faster.
 - ``pgs``: view-encode throughput at CLIP-PGS keep 1.0 / 0.7 / 0.5 on one model, top-1 agreement
   with the unmasked run on real photos, and PGS vs random token dropping. Target: ≥ 1.6× at 0.5.
 - ``pgs-train``: CLIP-PGS training-step images/s at mask 0.5 vs 0 (see ``jobs.bench_train``).
@@ -326,6 +328,59 @@ def run_cascade_bench(args: argparse.Namespace) -> int:
     return 0 if result["ok"] else 1
 
 
+# ----------------------------------------------------------------------------------- relabel
+def run_relabel_bench(args: argparse.Namespace) -> int:
+    """``relabel`` of kept embeddings against ``label --method cupl`` on the same images, in one run.
+
+    The labelling run keeps the embeddings (``--save-embeddings``, ``--embeddings-dtype``); relabel
+    scores them with the same method and label set. Rates are images over each plan's time (start-up of
+    Ray, listing and the label-set stage excluded, the actors' start included). Fails when relabel is
+    not faster than labelling.
+    """
+    from bifta_core import storage
+    from bifta_core.config import LabelConfig, ModelConfig
+    from bifta_core.saved_embeddings import SAVED_DIR
+    from pipelines.pipeline import run_label_job
+    from pipelines.relabel import run_relabel_job
+
+    _check_positive(args, "images", "batch_size")
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bifta-bench-relabel-"))
+    location = args.input
+    if not location:
+        location = str(work / "images")
+        _write_images(Path(location), args.images)
+    common = dict(labels=[args.labels], method="cupl", labelset_cache=str(work / "cache"))
+    labelled = LabelConfig(input=location, out=str(work / "labelled"), limit=args.images, batch_size=args.batch_size,
+                           model=ModelConfig(model=args.model, pretrained=args.pretrained), save_embeddings=True,
+                           embeddings_dtype=args.dtype, **common)
+    label = run_label_job(labelled)
+    relabel = run_relabel_job(LabelConfig(input=labelled.out, out=str(work / "relabelled"), **common),
+                              given={"labels", "method", "labelset_cache", "out"})
+    folder = storage.join(labelled.out, SAVED_DIR)
+    saved_bytes = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if f.endswith(".parquet"))
+    failed = [r for r in (label, relabel) if r["errors"] or not r["processed"]]
+    if not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+    if failed:
+        print(f"bench relabel FAILED: error rows {[r['error_reasons'] for r in failed]}", file=sys.stderr)
+    label_ips, relabel_ips = label["images_per_second"], relabel["images_per_second"]
+    ratio = relabel_ips / label_ips if label_ips else 0.0
+    per_image = saved_bytes / max(1, label["processed"])
+    print(f"model {args.model} ({args.pretrained}); {label['processed']} images from "
+          f"{args.input or 'generated JPEGs'}; method cupl; embeddings {args.dtype}")
+    print(f"label      {label_ips:.3f} images/s  (decode + whole-image encode + score, {label['encode_seconds']} s)")
+    print(f"relabel    {relabel_ips:.3f} images/s  (read kept embeddings + score, {relabel['encode_seconds']} s)")
+    print(f"ratio      {ratio:.1f}x  relabel / label (target > 1)")
+    print(f"storage    {per_image:.0f} bytes of embeddings per image (zstd Parquet) = "
+          f"{per_image * 1e8 / 1e9:.0f} GB per 100M images")
+    result = {"benchmark": "relabel", "images": label["processed"], "model": args.model, "dtype": args.dtype,
+              "label_images_per_s": _sig(label_ips), "relabel_images_per_s": _sig(relabel_ips),
+              "ratio": _sig(ratio), "bytes_per_image": round(per_image, 1),
+              "gb_per_100m_images": round(per_image * 1e8 / 1e9, 1), "ok": ratio > 1.0 and not failed}
+    print(json.dumps(result))
+    return 0 if result["ok"] else 1
+
+
 # ----------------------------------------------------------------------------------- pgs
 def _sample_views(paths: list[str], model, views: int, seed: int) -> tuple[torch.Tensor, list[int], torch.Tensor]:
     """BiFTA-preset views (and whole images) of real photos, normalised, as one flat batch."""
@@ -488,6 +543,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     c.add_argument("--labels", default="cat,dog,car,tree,house,person,boat,bird")
     c.add_argument("--workdir", default=None, help="generated images, outputs and label-set cache (default: temp)")
     c.set_defaults(bench_func=run_cascade_bench)
+
+    r = sub.add_parser("relabel", help="relabel of kept embeddings vs label --method cupl: images/s, bytes per image",
+                       description="Labels the images with --method cupl keeping their embeddings, relabels those, "
+                                   "and prints both rates, their ratio and the embeddings' bytes per image. Fails "
+                                   "(exit 1) when relabel is not faster or a run has error rows.")
+    r.add_argument("--input", default=None, metavar="LOCATION", help="existing images (default: generate JPEGs)")
+    r.add_argument("--model", default="ViT-B-32")
+    r.add_argument("--pretrained", default="random")
+    r.add_argument("--images", type=int, default=128, help="images to generate, or to use from --input")
+    r.add_argument("--batch-size", type=int, default=16)
+    r.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="stored embedding precision")
+    r.add_argument("--labels", default="cat,dog,car,tree,house,person,boat,bird")
+    r.add_argument("--workdir", default=None, help="generated images, outputs and label-set cache (default: temp)")
+    r.set_defaults(bench_func=run_relabel_bench)
 
     g = sub.add_parser("pgs", help="CLIP-PGS view-encode speed-up and agreement (target >= 1.6x at keep 0.5)")
     g.add_argument("--model", default="ViT-B-32")

@@ -1,4 +1,4 @@
-"""Smoke tests of ``python -m jobs.bench {pgs,pipeline,cascade,pgs-train,scaling}`` and their flag checks.
+"""Smoke tests of ``python -m jobs.bench {pgs,pipeline,cascade,relabel,pgs-train,scaling}`` and their flag checks.
 
 The benchmarks run for real but tiny (``bifta-tiny-vit``, 64-px inputs, a handful of images), so
 their targets may well be missed: exit 1 is as good as 0 here. What is checked is the contract:
@@ -87,6 +87,14 @@ def test_cascade_bench_smoke(tmp_path):
     # fewer images through views is less encoder work; its T sends about half of them
     assert 0 < ours["share_with_views"] < 1 and ours["encoder_work_ratio"] < 1 and code == 0
     assert ours["views_per_image"] < result["full_views_per_image"]
+
+
+def test_relabel_bench_smoke(tmp_path):
+    _, result, _ = _bench("relabel", *TINY, "--images", "6", "--batch-size", "2", "--workdir", str(tmp_path / "w"))
+    assert result["benchmark"] == "relabel" and result["images"] == 6 and result["dtype"] == "float16"
+    assert result["ratio"] == pytest.approx(result["relabel_images_per_s"] / result["label_images_per_s"], rel=1e-2)
+    # the tiny model's 64-wide float16 embeddings: 128 bytes of values per image, plus Parquet's own
+    assert 128 <= result["bytes_per_image"] < 4000
 
 
 def test_pipeline_bench_fails_on_error_rows(tmp_path):

@@ -460,18 +460,47 @@ def method_inputs(work: Path) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def saved_bifta(ray_local, make_config, method_inputs: Path, labelset_dir: Path, work: Path) -> Path:
+    """A BiFTA run over ``method_inputs`` that kept its embeddings (float32: relabel reproduces it)."""
+    config = make_config(method_inputs, work / "out-saved-bifta", labels=[str(labelset_dir)],
+                         save_view_embeddings=True, embeddings_dtype="float32")
+    _run(config)
+    return Path(config.out)
+
+
+def config_uses_views(method: str) -> bool:
+    return method in ("wca", "bifta-grid")
+
+
+def _relabel(saved: Path, out: Path, config: LabelConfig) -> list[dict]:
+    """``bifta relabel`` of ``saved`` with ``config``'s method, views and scoring → its rows."""
+    from pipelines.relabel import run_relabel_job
+
+    given = {"labels", "out", "method", "top_k", "labelset_cache", "views"}
+    relabel = LabelConfig(input=str(saved), out=str(out), labels=config.labels, method=config.method,
+                          top_k=config.top_k, labelset_cache=config.labelset_cache, views=config.views)
+    run_relabel_job(relabel, given=given)
+    return sorted_rows(read_output(out))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["wca", "cupl", "clip-d", "clip-e", "clip", "waffle", "bifta-grid"])
 def test_method_variants(method: str, ray_local, make_config, method_inputs: Path, labelset_dir: Path,
-                         work: Path) -> None:
+                         work: Path, saved_bifta: Path) -> None:
     # WCA keeps its own preset (60 crops, no refinement); BiFTA's grid makes 3 x 3 tiles, none of
     # which overlaps another (all kept); the global methods take no crops at all
     grid = method == "bifta-grid"
     config = make_config(method_inputs, work / f"out-method-{method}", labels=[str(labelset_dir)],
                          method="bifta" if grid else method, views="grid" if grid else None,
-                         num_views=None, max_views=None)
+                         num_views=None, max_views=None, save_view_embeddings=config_uses_views(method),
+                         embeddings_dtype="float32")
     summary = _run(config)
     table = read_output(Path(config.out))
+    # Relabelling kept embeddings gives this run's rows, run id included, without reading an image:
+    # a whole-image method from BiFTA's kept whole images, WCA and the grid from their own kept views.
+    saved = Path(config.out) if config.uses_views else saved_bifta
+    assert not row_differences(_relabel(saved, work / f"relabel-{method}", config), sorted_rows(table))
     assert table.num_rows == 3 and summary["ok"] == 3
     method = config.method
     expected_views = {"wca": 60, "bifta": 9}.get(method, 0)

@@ -47,10 +47,11 @@ def _fake_credentials() -> dict[str, str]:
     }
 
 
-def _run_cli(args: list[str], env: dict[str, str], timeout: float = RUN_TIMEOUT_S) -> subprocess.CompletedProcess:
+def _run_cli(args: list[str], env: dict[str, str], timeout: float = RUN_TIMEOUT_S,
+             job: str = "jobs.label") -> subprocess.CompletedProcess:
     run_env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
     run_env.update(env)
-    return subprocess.run([sys.executable, "-m", "jobs.label", *args], cwd=ROOT, env=run_env,
+    return subprocess.run([sys.executable, "-m", job, *args], cwd=ROOT, env=run_env,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -111,7 +112,7 @@ def test_s3_prefix_to_s3_output_resumes(s3_server: S3Server, s3_data: dict, tmp_
     env = {**s3_server.env, **creds, "BIFTA_CACHE_DIR": str(cache)}
     out = "s3://bifta-out/runs/prefix"
     args = ["s3://bifta-in/images/", "--labels", "s3://bifta-in/labelsets/pets", "--out", out,
-            "--pretrained", "s3://bifta-in/models/tiny.pt", *_common(tmp_path)]
+            "--pretrained", "s3://bifta-in/models/tiny.pt", "--save-embeddings", *_common(tmp_path)]
 
     first = _run_cli([*args, "--shard-size", "2"], env)
     _assert_no_secrets(first, creds)
@@ -148,7 +149,21 @@ def test_s3_prefix_to_s3_output_resumes(s3_server: S3Server, s3_data: dict, tmp_
     assert len({p.name for p in (cache / "downloads").iterdir() if not p.name.endswith(".lock")}) == 1
     # No write probes or temporary objects are left behind in the output prefix.
     keys = [o["Key"] for o in s3_server.client().list_objects_v2(Bucket="bifta-out")["Contents"]]
-    assert all(k.removeprefix("runs/prefix/").startswith(("part-", "_bifta_")) for k in keys), keys
+    assert all(k.removeprefix("runs/prefix/").startswith(("part-", "_bifta_", "_embeddings/part-")) for k in keys), keys
+    assert sum(k.startswith("runs/prefix/_embeddings/part-") for k in keys) == 3  # the lost shard's too
+
+    # The kept embeddings relabel from S3 to S3 with a whole-image method: no image is read (the
+    # images are gone), the rows are those `label --method cupl` would write.
+    for key in [o["Key"] for o in s3_server.client().list_objects_v2(Bucket="bifta-in", Prefix="images/")["Contents"]]:
+        s3_server.client().delete_object(Bucket="bifta-in", Key=key)
+    relabelled = "s3://bifta-out/runs/relabel"
+    third = _run_cli([out, "--labels", "s3://bifta-in/labelsets/pets", "--out", relabelled, "--method", "cupl",
+                      "--labelset-cache", str(tmp_path / "labelsets"), "--quiet"], env, job="jobs.relabel")
+    _assert_no_secrets(third, creds)
+    assert third.returncode == 0, third.stderr[-4000:]
+    table, files = _read_output(relabelled)
+    assert len(files) == 3 and sorted(table.column("image_id").to_pylist()) == sorted(s3_data["names"])
+    assert set(table.column("status").to_pylist()) == {"ok"} and set(table.column("method").to_pylist()) == {"cupl"}
 
 
 @pytest.mark.slow
