@@ -82,6 +82,7 @@ class LabelConfig:
     cascade_margin: float | None = None  # T (None: no cascade; inf: views for every image)
     cascade_first: str = DEFAULT_FIRST_STAGE  # the whole-image method that decides first
     explain: bool = True
+    explain_views: int = 5  # top_views: the K highest-weighted views of a WCA/BiFTA row (0: none)
     # Kept embeddings (bifta_core.saved_embeddings), for `bifta relabel`
     save_embeddings: bool = False  # the whole-image embedding of every image, next to each part file
     save_view_embeddings: bool = False  # also the encoded views, their boxes and weights (implies the above)
@@ -207,6 +208,7 @@ class LabelConfig:
         _positive("--num-decoders", self.num_decoders)
         _positive("--limit", self.limit, allow_zero=False)
         _positive("--top-k", self.top_k)
+        _positive("--explain-views", self.explain_views, allow_zero=True)
         _positive("--desc-top-k", self.desc_top_k)
         _positive("--max-pixels", self.max_pixels)
         _positive("--shard-size", self.shard_size)

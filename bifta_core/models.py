@@ -585,8 +585,10 @@ class ClipModel:
                 emb = encode_image_with_keep(self.model, x, keep_idx.to(self.device), check_keep=check_keep)
         return F.normalize(emb.float(), dim=-1)
 
-    def encode_text(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
-        """Encode strings in batches → ``[T,D]`` float32, unit norm, on CPU."""
+    def encode_text(self, texts: Sequence[str], batch_size: int = 256,
+                    on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Encode strings in batches → ``[T,D]`` float32, unit norm, on CPU; ``on_batch(done)`` after
+        each batch (progress of a long label-set stage)."""
         out = []
         with torch.inference_mode():
             for start in range(0, len(texts), batch_size):
@@ -594,6 +596,8 @@ class ClipModel:
                 with self.autocast():
                     emb = self.model.encode_text(tokens)
                 out.append(F.normalize(emb.float(), dim=-1).cpu())
+                if on_batch is not None:
+                    on_batch(min(len(texts), start + batch_size))
         if not out:
             return torch.empty(0, self.embed_dim)
         return torch.cat(out)

@@ -181,3 +181,25 @@ def explain(
         order = torch.sort(sim, descending=True, stable=True).indices[:n]
         out.append([bank.texts[int(idx[j])] for j in order])
     return out
+
+
+def top_views(weights: torch.Tensor, view_mask: torch.Tensor, boxes: list, k: int) -> list[list[dict]]:
+    """Per image, its ``k`` highest-weighted views (WCA weights, §3.2) as ``{x0, y0, x1, y1, weight}``
+    in original pixels, highest first (equal weights in sampling order).
+
+    ``weights``/``view_mask`` are ``[B, V]``; ``boxes[b]`` holds image ``b``'s views as ``[n, 4]``
+    ints aligned with its first ``n`` weights. ``k <= 0`` gives empty lists.
+    """
+    out: list[list[dict]] = []
+    w = weights.detach().float().cpu()
+    counts = view_mask.sum(dim=1).tolist()
+    for b, n in enumerate(counts):
+        n = int(n)
+        if k <= 0 or n == 0:
+            out.append([])
+            continue
+        order = torch.sort(w[b, :n], descending=True, stable=True).indices[:k].tolist()
+        box = boxes[b]
+        out.append([{"x0": int(box[i][0]), "y0": int(box[i][1]), "x1": int(box[i][2]), "y1": int(box[i][3]),
+                     "weight": float(w[b, i])} for i in order])
+    return out

@@ -143,6 +143,7 @@ class SavedBatch:
     view_emb: torch.Tensor | None = None  # [n_ok, V, D]
     view_mask: torch.Tensor | None = None  # [n_ok, V]
     has_views: np.ndarray | None = None  # bool [n_ok]
+    view_boxes: list[np.ndarray] | None = None  # per ok row, int32 [n_views, 4] in original pixels
 
 
 def _dense(arr: pa.Array, dim: int) -> torch.Tensor:
@@ -178,4 +179,6 @@ def to_batch(batch: pa.Table | pa.RecordBatch) -> SavedBatch:
     if has.any():
         view_image[torch.from_numpy(has)] = _dense(whole.filter(pa.array(has)), dim)
     saved.view_image_emb, saved.view_emb, saved.view_mask, saved.has_views = view_image, view_emb, mask, has
+    boxes = table.column("view_boxes").combine_chunks().take(keep).to_pylist()
+    saved.view_boxes = [np.asarray(b or [], dtype=np.int32).reshape(-1, 4) for b in boxes]
     return saved

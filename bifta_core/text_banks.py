@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -110,9 +110,11 @@ def content_hash(label_set: LabelSet, model_identity: str, specs: Sequence[BankS
     )
 
 
-def _encode_unique(model: ClipModel, texts: Iterable[str], batch_size: int) -> dict[str, torch.Tensor]:
+def _encode_unique(model: ClipModel, texts: Iterable[str], batch_size: int,
+                   progress: Callable[[int, int], None] | None = None) -> dict[str, torch.Tensor]:
     unique = list(dict.fromkeys(texts))
-    emb = model.encode_text(unique, batch_size=batch_size)
+    on_batch = None if progress is None else (lambda done: progress(done, len(unique)))
+    emb = model.encode_text(unique, batch_size=batch_size, on_batch=on_batch)
     return {t: emb[i] for i, t in enumerate(unique)}
 
 
@@ -123,8 +125,10 @@ def build_label_set_embeddings(
     *,
     text_scale: float = 2.0,
     batch_size: int = 256,
+    progress: Callable[[int, int], None] | None = None,
 ) -> LabelSetEmbeddings:
-    """Encode the class prompts and every bank in ``specs`` (refining where asked)."""
+    """Encode the class prompts and every bank in ``specs`` (refining where asked);
+    ``progress(texts done, texts in all)`` after each encoded batch."""
     per_bank_texts: dict[str, list[list[str]]] = {}
     for spec in specs:
         # Sentence methods refine BiFTA's pool (cupl ∪ llm-pool); others refine their own texts.
@@ -143,7 +147,7 @@ def build_label_set_embeddings(
         for group in texts:
             all_texts.extend(group)
     logger.info("label set '%s': encoding %d distinct texts", label_set.name, len(set(all_texts)))
-    table = _encode_unique(model, all_texts, batch_size)
+    table = _encode_unique(model, all_texts, batch_size, progress)
     class_emb = torch.stack([table[p] for p in prompts])
 
     banks: dict[str, TextBank] = {}

@@ -19,6 +19,8 @@ COMMANDS = {
     "relabel": ("jobs.relabel", "score embeddings kept by `label --save-embeddings` against a new label set"),
     "evaluate": ("jobs.evaluate", "score every method on a labelled dataset from one encoding pass"),
     "report": ("jobs.report", "summarise a prediction folder with polars"),
+    "review": ("jobs.review", "one static HTML page to look at the labels (thumbnails, views, filters)"),
+    "export": ("jobs.export", "hand the labels to annotators (export label-studio)"),
     "describe": ("jobs.describe", "generate class descriptions with an LLM"),
     "labelset": ("jobs.labelset", "build a reusable label-set artifact"),
     "presets": ("jobs.presets", "list the released WCA/BiFTA configurations --preset accepts"),
@@ -44,8 +46,20 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text,
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         module.add_arguments(p)
+        _add_verbose(p)
         p.set_defaults(func=module.run)
     return parser
+
+
+def _add_verbose(parser: argparse.ArgumentParser) -> None:
+    """``--verbose`` on a command and on each of its own sub-commands (``export label-studio``)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _add_verbose(child)
+            return
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show Ray's own logs and progress blocks (default: bifta's progress line and summary)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,8 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     from jobs.label import configure_logging
+    from pipelines.plan import set_verbosity
 
     configure_logging(getattr(args, "quiet", False))
+    set_verbosity(getattr(args, "verbose", False))
     try:
         return int(args.func(args) or 0)
     except BiftaUserError as exc:

@@ -121,6 +121,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="prebuilt label set from `bifta labelset build` (repeatable)")
     e.add_argument("--no-explain", dest="explain", action="store_false", default=s,
                    help="skip the explanation column")
+    e.add_argument("--explain-views", type=int, default=s, metavar="K",
+                   help="top_views: the K highest-weighted views of each WCA/BiFTA row, boxes in original pixels (5)")
     e.add_argument("--quiet", action="store_true", help="no progress lines")
     k = parser.add_argument_group("kept embeddings (for `bifta relabel`)")
     k.add_argument("--save-embeddings", action="store_true", default=s,
@@ -145,7 +147,7 @@ def config_from_args(args: argparse.Namespace) -> LabelConfig:
     data = dict(data)
     model = data.get("model") or {}
     model = dict(model) if isinstance(model, dict) else {"model": model}
-    given: dict[str, Any] = {k: v for k, v in vars(args).items() if k not in ("config", "quiet", "command", "func")}
+    given: dict[str, Any] = {k: v for k, v in vars(args).items() if k not in ("config", "quiet", "verbose", "command", "func")}
     for key, value in given.items():
         if key in _MODEL_FIELDS:
             model["cache_dir" if key == "model_cache_dir" else key] = value

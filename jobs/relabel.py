@@ -46,6 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--labelset-artifact", dest="labelset_artifacts", action="append", default=s,
                    help="prebuilt label set from `bifta labelset build` (repeatable)")
     e.add_argument("--no-explain", dest="explain", action="store_false", default=s, help="skip the explanation column")
+    e.add_argument("--explain-views", type=int, default=s, metavar="K",
+                   help="top_views: the K highest-weighted saved views of each WCA/BiFTA row (5)")
     e.add_argument("--quiet", action="store_true", help="no progress lines")
     s3 = parser.add_argument_group("S3 (default: the standard AWS environment; credentials only from there)")
     s3.add_argument("--s3-endpoint-url", default=s, help="S3-compatible endpoint, e.g. http://minio:9000")
@@ -56,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> tuple[LabelConfig, set[str]]:
     """The run's :class:`LabelConfig` and the names of the fields flags set (the others follow the
     embeddings where they fix them)."""
-    given: dict[str, Any] = {k: v for k, v in vars(args).items() if k not in ("quiet", "command", "func")}
+    given: dict[str, Any] = {k: v for k, v in vars(args).items() if k not in ("quiet", "verbose", "command", "func")}
     data: dict[str, Any] = {"input": given.pop("embeddings", "")}
     model: dict[str, Any] = {}
     for key, value in given.items():

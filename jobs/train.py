@@ -81,7 +81,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Config file (if any) overlaid with the flags that were given."""
     base = TrainConfig.from_file(args.config) if getattr(args, "config", None) else TrainConfig()
     data = base.to_dict()
-    data.update({k: v for k, v in vars(args).items() if k not in ("config", "quiet", "command", "func")})
+    data.update({k: v for k, v in vars(args).items() if k not in ("config", "quiet", "verbose", "command", "func")})
     return TrainConfig.from_dict(data)
 
 

@@ -70,7 +70,7 @@ def prepare_eval_label_set(
     Uses the labelling pipeline's content-hash cache and key (:func:`pipelines.label_set.label_set_identity`);
     a miss is encoded in the labelling pipeline's Ray task, with the same resources and runtime environment.
     """
-    from pipelines.label_set import _encode_label_sets, label_set_identity
+    from pipelines.label_set import _encode_label_sets, label_set_identity, text_encode_options
 
     digest = content_hash(label_set, label_set_identity(config), specs, config.text_scale)
     cache = _cache_file(config, digest)
@@ -90,9 +90,11 @@ def prepare_eval_label_set(
     from pipelines.pipeline import ensure_ray
 
     ensure_ray()
-    task = _encode_label_sets.options(num_gpus=num_gpus, **(remote or {}))
+    resources = text_encode_options(num_gpus)
+    threads = resources.pop("threads")
+    task = _encode_label_sets.options(**resources, **(remote or {}))
     text_cfg = {**model_cfg, "quick_gelu": config.model.quick_gelu}
-    emb = ray.get(task.remote([label_set], text_cfg, specs, config.text_scale))[0]
+    emb = ray.get(task.remote([label_set], text_cfg, specs, config.text_scale, threads))[0]
     emb.content_hash = digest
     if cache:
         save_artifact(emb, cache)

@@ -17,7 +17,7 @@ import pyarrow as pa
 import torch
 
 from bifta_core.models import ClipModel, actor_device, check_gpu_assignment, load_model
-from bifta_core.predict import ScoreParams
+from bifta_core.predict import ScoreParams, top_views
 from bifta_core.seeding import generator_for
 from bifta_core.text_banks import LabelSetEmbeddings
 from pipelines.score import ROW_COLUMNS, RowContext, Scorer, build_rows, merge_cascade
@@ -160,6 +160,7 @@ class EncodeStage:
         start_gate: Any = None,
         cascade: dict | None = None,
         keep: dict | None = None,
+        explain_views: int = 5,
     ) -> None:
         import ray
 
@@ -177,6 +178,7 @@ class EncodeStage:
         self.method = method
         self.uses_views = METHODS[method].uses_views
         params = self.score_params = ScoreParams(**score_params)
+        self.explain_views = explain_views  # top_views: the K highest-weighted views of each image
         self.keep = keep  # ``{"views": bool}``: emit the embeddings (bifta_core.saved_embeddings) with the rows
         self.scorer = Scorer(label_sets, method=method, bank_key=bank_key, params=params,
                              k=top_k, with_explanations=explain, device=self.model.device)
@@ -206,8 +208,9 @@ class EncodeStage:
                 predictions = self.scorer.predict(encoded.view_image if encoded.has_views else image_emb,
                                                   encoded.view_emb, encoded.view_mask)
                 views = encoded.views_per_image(len(ok)).tolist()
+                shown = self._top_views(encoded, batch, ok)
                 for cols in predictions:
-                    cols.update(decided_by=[self.method] * len(ok), views_encoded=views)
+                    cols.update(decided_by=[self.method] * len(ok), views_encoded=views, top_views=shown)
         meta = {k: list(batch[k]) for k in ("image_id", "uri", "status", "error", "views_generated", "views_kept")}
         if "true_label" in batch:
             meta["true_label"] = list(batch["true_label"])
@@ -221,6 +224,16 @@ class EncodeStage:
             shard = pa.array([str(s) for s in batch["shard"]] * len(self.label_sets), pa.string())
             table = table.append_column("shard", shard)
         return table
+
+    def _top_views(self, encoded: "Encoded", batch: dict[str, np.ndarray], ok: list[int]) -> list:
+        """``top_views`` of the images ``encoded`` has views of (None each without views or when
+        ``--explain-views 0``; boxes in original pixels)."""
+        if not encoded.has_views:
+            return [None] * len(encoded.image_emb)
+        if self.explain_views <= 0:
+            return [None] * len(encoded.sub)
+        boxes = [np.frombuffer(batch["boxes_original"][ok[j]], dtype=np.int32).reshape(-1, 4) for j in encoded.sub]
+        return top_views(encoded.weights(self.score_params.image_scale), encoded.view_mask, boxes, self.explain_views)
 
     def _encode_views(self, batch: dict[str, np.ndarray], ok: list[int], ids: list[str], image_emb: torch.Tensor,
                       sub: np.ndarray) -> "Encoded":
@@ -251,6 +264,9 @@ class EncodeStage:
         if sub.size:
             encoded = self._encode_views(batch, ok, ids, image_emb, sub)
             final = self.scorer.predict(encoded.view_image, encoded.view_emb, encoded.view_mask)
+            shown = self._top_views(encoded, batch, ok)
+            for cols in final:
+                cols["top_views"] = shown
         views = encoded.views_per_image(len(ok))
         return merge_cascade(first, final, unsure_by_set, sub, views, (self.cascade["first"], self.method)), encoded
 
@@ -270,6 +286,14 @@ class Encoded:
     def has_views(self) -> bool:
         return self.view_mask is not None
 
+    def weights(self, image_scale: float) -> torch.Tensor:
+        """WCA view weights ``[len(sub), V]`` (WCA §3.2), computed once."""
+        if getattr(self, "_weights", None) is None:
+            from bifta_core.scoring import view_weights
+
+            self._weights = view_weights(self.view_emb, self.view_mask, self.view_image, image_scale)
+        return self._weights
+
     def views_per_image(self, n_ok: int) -> np.ndarray:
         """Views encoded per ok image (0 outside ``sub``)."""
         views = np.zeros(n_ok, dtype=np.int64)
@@ -283,7 +307,6 @@ def kept_columns(encoded: Encoded | None, batch: dict[str, np.ndarray], ok: list
     """The :data:`bifta_core.saved_embeddings.FLAT_FIELDS` columns of a batch's rows: values on the
     first label set's rows (one per input, null on error rows), null on the others."""
     from bifta_core.saved_embeddings import FLAT_FIELDS
-    from bifta_core.scoring import view_weights
 
     total = n * label_sets
     values: dict[str, list] = {f.name: [None] * total for f in FLAT_FIELDS}
@@ -293,7 +316,7 @@ def kept_columns(encoded: Encoded | None, batch: dict[str, np.ndarray], ok: list
         for j, i in enumerate(ok):
             values["emb_image"][i] = image[j]
         if keep.get("views") and encoded.has_views:
-            weights = view_weights(encoded.view_emb, encoded.view_mask, encoded.view_image, image_scale).cpu().numpy()
+            weights = encoded.weights(image_scale).cpu().numpy()
             view_image = encoded.view_image.float().cpu().numpy()
             view_emb = encoded.view_emb.float().cpu().numpy()
             counts = encoded.view_mask.sum(dim=1).cpu().numpy()
@@ -313,6 +336,9 @@ def load_gpu_checked_model(model_cfg: dict, gpu_ids: list) -> ClipModel:
     kernels for the GPU) or ``--device cpu`` is one :class:`~bifta_core.errors.ConfigError` line,
     never a silent CPU fallback; ``--device cuda:N`` maps onto the worker's own GPU.
     """
+    from pipelines.plan import quiet_worker
+
+    quiet_worker()
     cfg = dict(model_cfg)
     if gpu_ids:
         check_gpu_assignment(gpu_ids, cfg.get("device", "auto"))

@@ -30,7 +30,7 @@ from bifta_core.models import config_fingerprint, is_vit_architecture, model_pre
 from pipelines.encode import EncodeStage
 from pipelines.inputs import Listing, ListingOptions, build_listing, normalise_spec, plan_sources, read_listing, shards_stage
 from pipelines.label_set import bank_specs, default_cache_dir, first_stage_spec, load_label_sets, plan_label_sets, prepare_label_sets
-from pipelines.plan import Resources, Stage, env_args, is_embedded, plan_resources, run_shards
+from pipelines.plan import QUIET_ENV, Resources, Stage, env_args, is_embedded, plan_resources, run_shards
 from pipelines.read import read_stage
 from pipelines.views import views_stage
 from pipelines.write import (
@@ -44,7 +44,7 @@ logger = logging.getLogger("bifta.pipeline")
 _ROW_FIELDS = (
     "method", "num_views", "max_views", "iou_threshold", "scale", "refine_descriptions", "desc_threshold",
     "desc_top_k", "image_scale", "text_scale", "aggregation", "seed", "top_k", "max_pixels",
-    "merge_duplicate_classes", "pgs_keep", "pgs_whole_image", "explain",
+    "merge_duplicate_classes", "pgs_keep", "pgs_whole_image", "explain", "explain_views",
 )
 
 
@@ -56,8 +56,9 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     # "local": a new embedded Ray even when a `ray start` cluster runs on this machine (ray.init()
     # would silently join it, and its workers lack this driver's environment, e.g. AWS_*). The
     # embedded Ray's workers inherit this process's environment. RAY_ADDRESS=auto joins on purpose.
+    quiet = bool(os.environ.get(QUIET_ENV))  # see pipelines.plan.set_verbosity
     kwargs: dict[str, Any] = dict(address=address or "local", ignore_reinit_error=True,
-                                  logging_level=logging.WARNING)
+                                  logging_level=logging.ERROR if quiet else logging.WARNING)
     if address is None:
         # Idle workers live 30 s (Ray's default is 1 s): the plan's first tasks then reuse the
         # listing's workers instead of starting new ones while the actors load their models.
@@ -380,7 +381,8 @@ def label_stages(config: LabelConfig, res: Resources, label_sets, run_id: str, s
             top_k=config.top_k, view_batch_size=config.view_batch_size, seed=config.seed,
             pgs_keep=config.pgs_keep, pgs_whole_image=config.pgs_whole_image, explain=config.explain,
             run_id=run_id, schema=schema, cascade=cascade_args(config),
-            keep={"views": config.save_view_embeddings} if config.save_embeddings else None)),
+            keep={"views": config.save_view_embeddings} if config.save_embeddings else None,
+            explain_views=config.explain_views)),
     ]
 
 

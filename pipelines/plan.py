@@ -165,7 +165,31 @@ def env_args(base_env: dict[str, str], *, gpu: bool) -> dict[str, Any]:
     """Ray remote args carrying ``base_env`` (the S3 settings); a task or actor that reserves no GPU
     also gets :func:`cpu_only_env`. The one place every stage, task and writer gets its environment."""
     env = dict(base_env) if gpu else {**base_env, **cpu_only_env()}
+    if os.environ.get(QUIET_ENV):  # workers of a cluster do not inherit the driver's environment
+        env[QUIET_ENV] = os.environ[QUIET_ENV]
     return {"runtime_env": {"env_vars": env}} if env else {}
+
+
+#: Set (by ``set_verbosity``) when Ray's own output is hidden; workers read it in :func:`quiet_worker`.
+QUIET_ENV = "BIFTA_QUIET"
+
+
+def set_verbosity(verbose: bool) -> None:
+    """Before Ray starts: show Ray's own output (``--verbose``) or only bifta's progress line and
+    summary — no Ray Data progress blocks, executor INFO lines or the workers' repeated model
+    warnings (the driver prints what matters once)."""
+    if verbose:
+        os.environ.pop(QUIET_ENV, None)
+        return
+    os.environ[QUIET_ENV] = "1"
+
+
+def quiet_worker() -> None:
+    """In a worker of a quiet run: only errors from Python logging (open_clip, bifta's per-actor
+    warnings); ``print`` output such as the label-set stage's progress still reaches the driver."""
+    if os.environ.get(QUIET_ENV):
+        logging.getLogger().setLevel(logging.ERROR)
+        logging.getLogger("bifta").setLevel(logging.ERROR)
 
 
 def remote_args(base_env: dict[str, str], stage: Stage) -> dict[str, Any]:
@@ -183,6 +207,11 @@ def configure_data_context() -> None:
 
     ctx = DataContext.get_current()
     ctx.execution_options.preserve_order = False  # nothing depends on order: shards are regrouped by the writers
+    if os.environ.get(QUIET_ENV):  # bifta prints its own one-line progress
+        ctx.enable_progress_bars = False
+        ctx.enable_operator_progress_bars = False
+        for name in ("ray.data", "ray"):
+            logging.getLogger(name).setLevel(logging.ERROR)
     # Ray's memory-issue detector misreads the shared torch import of worker processes as per-task
     # memory and prints multi-line warnings every 30 s; bifta bounds memory by batch sizes instead.
     ctx.issue_detectors_config.detectors = []

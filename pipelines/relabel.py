@@ -33,7 +33,8 @@ from bifta_core.cascade import needs_views
 from bifta_core.config import LabelConfig
 from bifta_core.errors import ConfigError, InputError
 from bifta_core.methods import METHODS
-from bifta_core.predict import ScoreParams
+from bifta_core.predict import ScoreParams, top_views
+from bifta_core.scoring import view_weights
 from bifta_core.saved_embeddings import SAVED_DIR, SavedBatch, read_meta, to_batch
 from pipelines.plan import Stage, env_args, is_embedded, run_shards
 from pipelines.score import RowContext, Scorer, build_rows, merge_cascade
@@ -185,7 +186,8 @@ def run_relabel_job(config: LabelConfig, *, given: set[str] = frozenset(),
                       bank_key=specs[0].key if specs and METHODS[config.method].has_bank else None,
                       score_params=dict(image_scale=config.image_scale, text_scale=config.text_scale,
                                         aggregation=config.aggregation),
-                      top_k=config.top_k, explain=config.explain, cascade=specs_first, schema=schema,
+                      top_k=config.top_k, explain=config.explain, explain_views=config.explain_views,
+                      cascade=specs_first, schema=schema,
                       ctx=RowContext(method=config.method, model=config.model.model,
                                      pretrained=config.model.pretrained, run_id=run_id,
                                      random_weights=config.model.pretrained == "random"),
@@ -239,11 +241,12 @@ class RelabelStage:
 
     def __init__(self, *, label_set_refs: list, method: str, bank_key: str | None, score_params: dict, top_k: int,
                  explain: bool, cascade: dict | None, schema: pa.Schema, ctx: RowContext,
-                 torch_threads: int | None = None) -> None:
+                 explain_views: int = 5, torch_threads: int | None = None) -> None:
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.label_sets = [ray.get(r) if isinstance(r, ray.ObjectRef) else r for r in label_set_refs]
-        params = ScoreParams(**score_params)
+        params = self.params = ScoreParams(**score_params)
+        self.explain_views = explain_views
         device = torch.device("cpu")
         self.method, self.uses_views = method, METHODS[method].uses_views
         self.scorer = Scorer(self.label_sets, method=method, bank_key=bank_key, params=params, k=top_k,
@@ -271,7 +274,7 @@ class RelabelStage:
         if not self.uses_views:
             predictions = self.scorer.predict(saved.image_emb, None, None)
             for cols in predictions:
-                cols.update(decided_by=[self.method] * n, views_encoded=[0] * n)
+                cols.update(decided_by=[self.method] * n, views_encoded=[0] * n, top_views=[None] * n)
             return saved.ok, predictions
         first = self.first_scorer.predict(saved.image_emb, None, None) if self.cascade else None
         unsure = [needs_views(c["margin"], self.cascade["margin"]) for c in first] if first else None
@@ -286,8 +289,16 @@ class RelabelStage:
             return self._predict(saved) if saved.ok else ([], [])
         sub = np.flatnonzero(need)
         index = torch.from_numpy(sub)
-        final = self.scorer.predict(saved.view_image_emb[index], saved.view_emb[index], saved.view_mask[index]) \
-            if sub.size else None
+        final = None
+        if sub.size:
+            view_image, view_emb, mask = saved.view_image_emb[index], saved.view_emb[index], saved.view_mask[index]
+            final = self.scorer.predict(view_image, view_emb, mask)
+            shown = [None] * len(sub)
+            if self.explain_views > 0:
+                weights = view_weights(view_emb, mask, view_image, self.params.image_scale)
+                shown = top_views(weights, mask, [saved.view_boxes[j] for j in sub], self.explain_views)
+            for cols in final:
+                cols["top_views"] = shown
         views = np.zeros(n, dtype=np.int64)
         views[sub] = saved.view_mask[index].sum(dim=1).numpy()
         if first is None:
@@ -302,4 +313,5 @@ def _subset(saved: SavedBatch, keep: np.ndarray) -> SavedBatch:
     index = torch.from_numpy(keep)
     return SavedBatch(columns=saved.columns, ok=[saved.ok[j] for j in keep], image_emb=saved.image_emb[index],
                       view_image_emb=saved.view_image_emb[index], view_emb=saved.view_emb[index],
-                      view_mask=saved.view_mask[index], has_views=saved.has_views[keep])
+                      view_mask=saved.view_mask[index], has_views=saved.has_views[keep],
+                      view_boxes=[saved.view_boxes[j] for j in keep])

@@ -99,12 +99,13 @@ def merge_cascade(
     merged = []
     for ls_i, cols in enumerate(first):
         out: dict[str, list] = {key: [] for key in cols}
-        out["decided_by"] = []
+        out["decided_by"], out["top_views"] = [], []
         for j in range(len(views)):
             src, k, by = (final[ls_i], position[j], names[1]) if use_final[ls_i][j] else (cols, j, names[0])
             for key in cols:
                 out[key].append(src[key][k])
             out["decided_by"].append(by)
+            out["top_views"].append(src["top_views"][k] if "top_views" in src else None)
         out["views_encoded"] = [int(v) for v in views]
         merged.append(out)
     return merged
@@ -138,7 +139,7 @@ def build_rows(
             cols["status"].append("ok" if ok else "error")
             cols["error"].append(None if ok else (meta["error"][i] or "unknown error"))
             for key in ("label_index", "label", "score", "topk_labels", "topk_scores", "margin", "explanation",
-                        "decided_by"):
+                        "decided_by", "top_views"):
                 cols[key].append(pred[key][j] if ok else None)
             cols["views_encoded"].append(int(pred["views_encoded"][j]) if ok else 0)
             cols["method"].append(ctx.method)
@@ -171,6 +172,7 @@ ROW_COLUMNS = (
     "views_kept",
     "decided_by",
     "views_encoded",
+    "top_views",
     "explanation",
     "model",
     "pretrained",

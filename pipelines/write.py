@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("bifta.write")
 
-LAYOUT_VERSION = 3  # 3: decided_by, views_encoded
+LAYOUT_VERSION = 3  # 3: decided_by, views_encoded, top_views
 PART_PREFIX = "part-"
 RUN_FILE = "_bifta_run.json"
 SUMMARY_FILE = "_bifta_summary.json"
@@ -52,6 +52,11 @@ STATS_KEY = b"bifta.shard"
 SHARD_COLUMN = "shard"
 ROUTE_BATCH_ROWS = 1024
 _PART_RE = re.compile(r"^part-(\d{5}-\d{5})\.parquet$")
+
+#: One view of ``top_views``: its box in original pixels and its WCA weight.
+TOP_VIEWS_TYPE = pa.list_(pa.struct([pa.field("x0", pa.int32()), pa.field("y0", pa.int32()),
+                                     pa.field("x1", pa.int32()), pa.field("y1", pa.int32()),
+                                     pa.field("weight", pa.float32())]))
 
 _BASE_FIELDS = [
     pa.field("image_id", pa.string(), nullable=False),
@@ -69,6 +74,7 @@ _BASE_FIELDS = [
     pa.field("views_kept", pa.int32()),
     pa.field("decided_by", pa.string()),  # the method whose answer this is (a cascade's first stage, or --method)
     pa.field("views_encoded", pa.int32()),  # views encoded for the image (0 when no view was needed)
+    pa.field("top_views", TOP_VIEWS_TYPE),  # the --explain-views highest-weighted views (null: no view scored)
     pa.field("explanation", pa.list_(pa.string())),
     pa.field("model", pa.string()),
     pa.field("pretrained", pa.string()),
