@@ -14,10 +14,11 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from bifta_core.cascade import DEFAULT_FIRST_STAGE, check_cascade
+from bifta_core.method.cascade import DEFAULT_FIRST_STAGE, check_cascade
 from bifta_core.errors import ConfigError
-from bifta_core.methods import METHOD_NAMES, METHODS, VIEW_GENERATORS, VIEW_PRESETS, ViewPreset, grid_preset
-from bifta_core.presets import PRESETS, preset_names
+from bifta_core.validation import integer, number, switch
+from bifta_core.method.registry import METHOD_NAMES, METHODS, VIEW_GENERATORS, VIEW_PRESETS, ViewPreset, grid_preset
+from bifta_core.method.presets import PRESETS, preset_names
 
 AGGREGATIONS = ("normalized", "sum")
 #: A shard is one Parquet row group of the saved listing (Arrow caps a row group at 1Mi rows).
@@ -45,7 +46,7 @@ class LabelConfig:
     out: str = ""
     method: str | None = None  # None: the --preset's method, else bifta
     model: ModelConfig = field(default_factory=ModelConfig)
-    # A released configuration (bifta_core.presets): its view settings replace the method's defaults
+    # A released configuration (bifta_core.method.presets): its view settings replace the method's defaults
     preset: str | None = None
     # Views (None = the method's preset: wca 60 views at scale 0.1-0.9; bifta 100 at 0.5-0.9, IoU 0.85)
     views: str | None = None  # random | grid (None: the method's generator, random)
@@ -73,17 +74,17 @@ class LabelConfig:
     top_k: int = 5
     max_pixels: int = 120_000_000  # decompression-bomb guard (Pillow refuses > ~179 MP regardless)
     merge_duplicate_classes: bool = False
-    labelset_cache: str | None = None  # default ~/.cache/bifta/labelsets; "" disables
+    labelset_cache: str | None = None  # default: labelsets/ of the cache root (bifta_core.io.cache); "" disables
     labelset_artifacts: list[str] = field(default_factory=list)
     waffle_words: str | None = None  # WaffleCLIP word list (.pkl/.json/.txt); default: the bundled list
     pgs_keep: float | None = None  # CLIP-PGS keep ratio for view encodes (None = off)
     pgs_whole_image: bool = False  # also apply PGS to the whole-image encode
-    # Cascade (bifta_core.cascade): keep the first stage's answer where its margin is >= T, views elsewhere
+    # Cascade (bifta_core.method.cascade): keep the first stage's answer where its margin is >= T, views elsewhere
     cascade_margin: float | None = None  # T (None: no cascade; inf: views for every image)
     cascade_first: str = DEFAULT_FIRST_STAGE  # the whole-image method that decides first
     explain: bool = True
     explain_views: int = 5  # top_views: the K highest-weighted views of a WCA/BiFTA row (0: none)
-    # Kept embeddings (bifta_core.saved_embeddings), for `bifta relabel`
+    # Kept embeddings (bifta_core.io.saved_embeddings), for `bifta relabel`
     save_embeddings: bool = False  # the whole-image embedding of every image, next to each part file
     save_view_embeddings: bool = False  # also the encoded views, their boxes and weights (implies the above)
     embeddings_dtype: str = "float16"
@@ -175,12 +176,11 @@ class LabelConfig:
             if self.num_views is not None or self.scale is not None or self.max_views is not None:
                 raise ConfigError("--views grid makes --grid × --grid tiles: --num-views, --max-views and --scale "
                                   "do not apply")
-        if isinstance(self.grid, bool) or not isinstance(self.grid, int) or not 1 <= self.grid <= 16:
-            raise ConfigError(f"--grid must be an integer from 1 to 16, got {self.grid!r}")
+        integer("--grid", self.grid, maximum=16)
         if self.waffle_words is not None:
             if not isinstance(self.waffle_words, str) or not self.waffle_words:
                 raise ConfigError(f"--waffle-words must be a file path, got {self.waffle_words!r}")
-            from bifta_core.waffle import words_location
+            from bifta_core.method.waffle import words_location
 
             self.waffle_words = words_location(self.waffle_words)
         if not isinstance(self.cascade_first, str):
@@ -188,8 +188,7 @@ class LabelConfig:
         check_cascade(self.method, self.cascade_first, self.cascade_margin)
         for flag, value in (("--save-embeddings", self.save_embeddings),
                             ("--save-view-embeddings", self.save_view_embeddings), ("--no-explain", self.explain)):
-            if not isinstance(value, bool):
-                raise ConfigError(f"{flag} is a switch (true or false), got {value!r}")
+            switch(flag, value)
         if self.save_view_embeddings:
             if not self.uses_views:
                 raise ConfigError(f"--save-view-embeddings needs a method that encodes views (wca, bifta), "
@@ -199,19 +198,19 @@ class LabelConfig:
             raise ConfigError(f"--embeddings-dtype must be float16 or float32, got {self.embeddings_dtype!r}")
         if self.aggregation not in AGGREGATIONS:
             raise ConfigError(f"--aggregation must be one of {', '.join(AGGREGATIONS)}, got '{self.aggregation}'")
-        _positive("--num-views", self.num_views)
-        _positive("--max-views", self.max_views)
-        _positive("--batch-size", self.batch_size)
-        _positive("--view-batch-size", self.view_batch_size)
-        _positive("--num-encoders", self.num_encoders)
-        _positive("--gpus", self.gpus)
-        _positive("--num-decoders", self.num_decoders)
-        _positive("--limit", self.limit, allow_zero=False)
-        _positive("--top-k", self.top_k)
-        _positive("--explain-views", self.explain_views, allow_zero=True)
-        _positive("--desc-top-k", self.desc_top_k)
-        _positive("--max-pixels", self.max_pixels)
-        _positive("--shard-size", self.shard_size)
+        integer("--num-views", self.num_views, optional=True)
+        integer("--max-views", self.max_views, optional=True)
+        integer("--batch-size", self.batch_size, optional=True)
+        integer("--view-batch-size", self.view_batch_size, optional=True)
+        integer("--num-encoders", self.num_encoders, optional=True)
+        integer("--gpus", self.gpus, optional=True)
+        integer("--num-decoders", self.num_decoders, optional=True)
+        integer("--limit", self.limit, optional=True)
+        integer("--top-k", self.top_k, optional=True)
+        integer("--explain-views", self.explain_views, minimum=0)
+        integer("--desc-top-k", self.desc_top_k, optional=True)
+        integer("--max-pixels", self.max_pixels, optional=True)
+        integer("--shard-size", self.shard_size, optional=True)
         for flag, value, optional in (
             ("--iou-threshold", self.iou_threshold, True),
             ("--desc-threshold", self.desc_threshold, False),
@@ -219,7 +218,7 @@ class LabelConfig:
             ("--image-scale", self.image_scale, False),
             ("--text-scale", self.text_scale, False),
         ):
-            _real(flag, value, optional)
+            number(flag, value, optional=optional)
         for flag, value in (("--model", self.model.model), ("--pretrained", self.model.pretrained),
                             ("--device", self.model.device), ("--precision", self.model.precision)):
             if not isinstance(value, str) or not value:
@@ -232,7 +231,7 @@ class LabelConfig:
             if not isinstance(self.scale, (tuple, list)) or len(self.scale) != 2:
                 raise ConfigError(f"--scale must be two numbers A,B, got {self.scale!r}")
             for v in self.scale:
-                _real("--scale", v, False)
+                number("--scale", v)
         if self.iou_threshold is not None and not 0.0 <= self.iou_threshold <= 1.0:
             raise ConfigError(f"--iou-threshold must be within [0, 1], got {self.iou_threshold}")
         if not -1.0 <= self.desc_threshold <= 1.0:
@@ -245,8 +244,7 @@ class LabelConfig:
             raise ConfigError(f"--shard-size must be at most {MAX_SHARD_SIZE:,}, got {self.shard_size:,}")
         if self.pgs_keep is not None and not 0.0 < self.pgs_keep <= 1.0:
             raise ConfigError(f"--pgs-keep must be within (0, 1], got {self.pgs_keep}")
-        if not isinstance(self.seed, int) or self.seed < 0:
-            raise ConfigError(f"--seed must be a non-negative integer, got {self.seed}")
+        integer("--seed", self.seed, minimum=0)
         return self
 
     # ------------------------------------------------------------------ (de)serialisation
@@ -322,19 +320,3 @@ def parse_scale(value: Any) -> tuple[float, float]:
     return parts[0], parts[1]
 
 
-def _real(flag: str, value: Any, optional: bool) -> None:
-    """A finite real number (config files can carry strings, booleans or NaN)."""
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value in (
-        float("inf"),
-        float("-inf"),
-    ):
-        raise ConfigError(f"{flag} must be a finite number, got {value!r}")
-
-
-def _positive(flag: str, value: Any, allow_zero: bool = False) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
-        raise ConfigError(f"{flag} must be a positive integer, got {value!r}")

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from bifta_core.errors import ConfigError
+from bifta_core.validation import integer
 
 PIPELINE_TARGET = 0.9
 PGS_SPEEDUP_TARGET = 1.6
@@ -50,9 +51,7 @@ MAX_BARE_IMAGES = 256
 def _check_positive(args: argparse.Namespace, *names: str) -> None:
     """ConfigError naming the flag when one of ``names`` is set but below 1 (None means "default")."""
     for name in names:
-        value = getattr(args, name, None)
-        if value is not None and value < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+        integer(f"--{name.replace('_', '-')}", getattr(args, name, None), optional=True)
 
 
 def _sync(model) -> None:
@@ -113,7 +112,7 @@ class _BareEncoder:
     """The model alone, in the same kind of process the pipeline's encode actor runs in."""
 
     def __init__(self, model_name: str, pretrained: str, threads: int | None) -> None:
-        from bifta_core.models import load_model
+        from bifta_core.io.models import load_model
 
         if threads:
             torch.set_num_threads(threads)
@@ -256,7 +255,7 @@ def run_cascade_bench(args: argparse.Namespace) -> int:
     image per image that took views (a JPEG whose working resolution differs from the first
     stage's is encoded at both). Fails when the cascade at its ``T`` does more work than BiFTA.
     """
-    from bifta_core.cascade import default_thresholds
+    from bifta_core.method.cascade import default_thresholds
     from bifta_core.config import LabelConfig, ModelConfig
     from pipelines.pipeline import run_label_job
 
@@ -337,9 +336,9 @@ def run_relabel_bench(args: argparse.Namespace) -> int:
     Ray, listing and the label-set stage excluded, the actors' start included). Fails when relabel is
     not faster than labelling.
     """
-    from bifta_core import storage
+    from bifta_core.io import storage
     from bifta_core.config import LabelConfig, ModelConfig
-    from bifta_core.saved_embeddings import SAVED_DIR
+    from bifta_core.io.saved_embeddings import SAVED_DIR
     from pipelines.pipeline import run_label_job
     from pipelines.relabel import run_relabel_job
 
@@ -384,9 +383,9 @@ def run_relabel_bench(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------- pgs
 def _sample_views(paths: list[str], model, views: int, seed: int) -> tuple[torch.Tensor, list[int], torch.Tensor]:
     """BiFTA-preset views (and whole images) of real photos, normalised, as one flat batch."""
-    from bifta_core.images import boxes_to_working, decode_image, whole_image_pixels, working_min_side
-    from bifta_core.seeding import generator_for
-    from bifta_core.views import VIEW_PRESETS, crop_resize_tensor, refine_boxes, sample_boxes
+    from bifta_core.io.images import boxes_to_working, decode_image, whole_image_pixels, working_min_side
+    from bifta_core.method.seeding import generator_for
+    from bifta_core.method.views import VIEW_PRESETS, crop_resize_tensor, refine_boxes, sample_boxes
 
     preset = VIEW_PRESETS["bifta"]
     crops, counts, wholes = [], [], []
@@ -408,7 +407,7 @@ def _encode(model, pixels: torch.Tensor, keep: torch.Tensor | None, batch: int) 
 
 
 def _select(model, pixels, keep_ratio, seed, random_drop=False) -> torch.Tensor | None:
-    from bifta_core.pgs import PgsConfig, patch_size_of, random_patches, select_patches
+    from bifta_core.method.pgs import PgsConfig, patch_size_of, random_patches, select_patches
 
     if keep_ratio >= 1.0:
         return None
@@ -421,13 +420,12 @@ def _select(model, pixels, keep_ratio, seed, random_drop=False) -> torch.Tensor 
 
 def run_pgs_bench(args: argparse.Namespace) -> int:
     from bifta_core.errors import BiftaUserError
-    from bifta_core.labelsets import load_label_set
-    from bifta_core.models import load_model
-    from bifta_core.scoring import wca_scores
+    from bifta_core.io.label_sets import load_label_set
+    from bifta_core.io.models import load_model
+    from bifta_core.method.scoring import wca_scores
 
     _check_positive(args, "images", "num_views", "view_batch_size", "repeats")
-    if args.seed < 0:
-        raise ConfigError(f"--seed must be a non-negative integer, got {args.seed}")
+    integer("--seed", args.seed, minimum=0)
     photos_dir = Path(args.photos)
     if not photos_dir.is_dir():
         raise BiftaUserError(f"photo folder not found: {photos_dir} (--photos)")
@@ -590,7 +588,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jobs.cli import main as cli_main
+    from jobs.common import main as cli_main
 
     return cli_main(["bench", *(argv if argv is not None else sys.argv[1:])])
 

@@ -38,6 +38,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from bifta_core.errors import ConfigError
+from bifta_core.validation import integer
 
 logger = logging.getLogger("bifta.bench")
 #: generated images are about this many pixels a side at least (the shapes drawn need room)
@@ -251,11 +252,9 @@ def check_scaling_args(args: argparse.Namespace) -> None:
     """Raise ConfigError for the first bad flag, before anything is generated or started."""
     for flag, value in (("--n", args.n), ("--factor", args.factor), ("--batch-size", args.batch_size),
                         ("--num-views", args.num_views)):
-        if value is not None and value < 1:
-            raise ConfigError(f"{flag} must be a positive integer, got {value}")
+        integer(flag, value, optional=True)
     for flag, value in (("--driver-shard-size", args.driver_shard_size), ("--driver-left-shards", args.driver_left_shards)):
-        if value < 1:
-            raise ConfigError(f"{flag} must be a positive integer, got {value}")
+        integer(flag, value)
     driver_rows(args)
     if args.image_side < MIN_IMAGE_SIDE:
         raise ConfigError(f"--image-side must be at least {MIN_IMAGE_SIDE}, got {args.image_side}")
@@ -562,7 +561,7 @@ def run_scaling(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m jobs.bench_scaling``: the same as ``bifta bench scaling``."""
-    from jobs.cli import main as cli_main
+    from jobs.common import main as cli_main
 
     return cli_main(["bench", "scaling", *(argv if argv is not None else sys.argv[1:])])
 

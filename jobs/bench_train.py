@@ -1,6 +1,6 @@
 """``python -m jobs.bench pgs-train`` — CLIP-PGS training-step throughput at mask 0.5 vs plain CLIP.
 
-Times :meth:`bifta_core.training.Trainer.train_step` (CLIP-PGS selection, forward, contrastive loss,
+Times :meth:`bifta_core.method.training.Trainer.train_step` (CLIP-PGS selection, forward, contrastive loss,
 backward, AdamW step: everything a Ray Train worker does per step except receiving data) on one
 model and one batch, at ``--pgs-mask`` 0 and 0.5, interleaved round by round so machine noise hits
 both alike; images/s is the median round. Target: ≥ 1.6× at 0.5 (the paper reports roughly 2× less
@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from bifta_core.errors import ConfigError
+from bifta_core.validation import integer
 
 PGS_TRAIN_TARGET = 1.6
 PGS_TRAIN_MASKS = (0.0, 0.5)
@@ -61,12 +62,11 @@ def add_pgs_train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_pgs_train(args: argparse.Namespace) -> int:
-    from bifta_core.models import is_vit_architecture, load_model
-    from bifta_core.training import TrainConfig, Trainer
+    from bifta_core.io.models import is_vit_architecture, load_model
+    from bifta_core.method.training import TrainConfig, Trainer
 
     for name in ("batch_size", "repeats"):
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+        integer(f"--{name.replace('_', '-')}", getattr(args, name))
     if args.batch_size < 2:
         raise ConfigError("--batch-size must be at least 2 (a contrastive loss needs negatives)")
     if not is_vit_architecture(args.model):

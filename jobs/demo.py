@@ -17,7 +17,8 @@ import os
 import sys
 from pathlib import Path
 
-from bifta_core.errors import ConfigError, ModelLoadError
+from bifta_core.errors import ModelLoadError
+from bifta_core.validation import integer
 
 EXAMPLE_LABELSET = Path(__file__).parent / "examples" / "labelset"
 #: scikit-image sample -> true class in the example label set
@@ -77,7 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _weights_available(model: str, pretrained: str) -> bool:
-    from bifta_core.models import load_model
+    from bifta_core.io.models import load_model
 
     try:
         load_model(model, pretrained, device="cpu")
@@ -92,14 +93,13 @@ def run(args: argparse.Namespace) -> int:
     import polars as pl
 
     from bifta_core.config import LabelConfig, ModelConfig
-    from jobs.label import _progress, format_summary
+    from jobs.common import format_label_summary, print_progress
     from pipelines.pipeline import run_label_job
 
     # Optional so a Namespace built by a caller without them (the Python API) still works.
     num_views, limit = getattr(args, "num_views", None), getattr(args, "limit", None)
     for flag, value in (("--num-views", num_views), ("--limit", limit)):
-        if value is not None and value < 1:
-            raise ConfigError(f"{flag} must be a positive integer, got {value}")
+        integer(flag, value, optional=True)
     out = Path(args.out).resolve()
     manifest = write_example_images(out / "images")
     pretrained = args.pretrained
@@ -115,8 +115,8 @@ def run(args: argparse.Namespace) -> int:
         num_views=num_views,
         limit=limit,
     )
-    summary = run_label_job(config, on_progress=None if args.quiet else _progress)
-    print(format_summary(summary))
+    summary = run_label_job(config, on_progress=None if args.quiet else print_progress)
+    print(format_label_summary(summary))
     table = (
         pl.read_parquet(os.path.join(config.out, "*.parquet"))
         .select("image_id", "true_label", "label", "score", "margin")
@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jobs.cli import main as cli_main
+    from jobs.common import main as cli_main
 
     return cli_main(["demo", *(argv if argv is not None else sys.argv[1:])])
 

@@ -18,14 +18,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from bifta_core.describe import (
+from bifta_core.io.description_generation import (
     REPORT_FILE,
     DescribeConfig,
     generate_label_set,
     load_classes,
     load_questions,
 )
-from bifta_core.llm import BASE_URL_ENV, MODEL_ENV, ChatClient, default_cache_dir
+from bifta_core.io.llm import BASE_URL_ENV, MODEL_ENV, ChatClient, default_cache_dir
 
 
 def _number(cast: type, minimum: float, inclusive: bool, what: str):
@@ -194,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m jobs.describe``: the same as ``bifta describe``."""
-    from jobs.cli import main as cli_main
+    from jobs.common import main as cli_main
 
     return cli_main(["describe", *(argv if argv is not None else sys.argv[1:])])
 

@@ -23,9 +23,9 @@ from typing import Any
 
 from bifta_core.config import LabelConfig
 from bifta_core.errors import ConfigError
-from bifta_core.evaluation import method_names
-from bifta_core.presets import PRESETS
-from jobs.label import _MODEL_FIELDS, add_model_arguments
+from bifta_core.evaluation.metrics import method_names
+from bifta_core.method.presets import PRESETS
+from jobs.common import MODEL_FIELDS, add_model_arguments
 
 logger = logging.getLogger("bifta.evaluate")
 
@@ -84,7 +84,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     x.add_argument("--shard-size", type=int, default=s, help="images per embeddings file (20000)")
     x.add_argument("--limit", type=int, default=s, help="evaluate only the first N inputs")
     x.add_argument("--max-pixels", type=int, default=s, help="refuse images larger than this")
-    x.add_argument("--labelset-cache", default=s, help="label-set embedding cache folder (~/.cache/bifta/labelsets)")
+    x.add_argument("--labelset-cache", default=s, help="label-set embedding cache folder (the labelsets folder of the cache root, $BIFTA_CACHE_DIR)")
     x.add_argument("--no-labelset-cache", dest="labelset_cache", action="store_const", const="", default=s)
     x.add_argument("--quiet", action="store_true", help="no progress lines")
 
@@ -93,7 +93,7 @@ def config_from_args(args: argparse.Namespace) -> LabelConfig:
     """The shared model/view/description settings as a :class:`LabelConfig`."""
     given = vars(args)
     data: dict[str, Any] = {k: v for k, v in given.items() if k in _CONFIG_FIELDS}
-    model = {("cache_dir" if k == "model_cache_dir" else k): v for k, v in given.items() if k in _MODEL_FIELDS}
+    model = {("cache_dir" if k == "model_cache_dir" else k): v for k, v in given.items() if k in MODEL_FIELDS}
     if "refine_descriptions" in given or "aggregation" in given:
         logger.warning("evaluate scores refined and unrefined descriptions and both aggregations; "
                        "--refine-descriptions/--aggregation are ignored")
@@ -109,7 +109,7 @@ def config_from_args(args: argparse.Namespace) -> LabelConfig:
 
 def _check_saved(config: LabelConfig, args: argparse.Namespace, meta: dict[str, Any]) -> None:
     """Adopt the saved embeddings' model; refuse flags that contradict how they were made."""
-    from bifta_core.models import model_identity
+    from bifta_core.io.models import model_identity
 
     given = vars(args)
     saved_model, saved_pretrained = meta.get("model"), meta.get("pretrained")
@@ -130,7 +130,7 @@ def _check_saved(config: LabelConfig, args: argparse.Namespace, meta: dict[str, 
     if any(f in given for f in _VIEW_FLAGS):
         import dataclasses
 
-        from pipelines.embed import view_presets
+        from pipelines.evaluate_stages import view_presets
 
         # Embeddings saved before grid views existed hold random views without the generator fields.
         saved = {name: {"generator": "random", "grid": 3, **v, "scale": list(v.get("scale", []))}
@@ -242,7 +242,7 @@ def run(args: argparse.Namespace) -> int:
             logger.warning("INPUT %s is ignored: --from-embeddings re-scores the saved images", args.input)
         _check_saved(config, args, read_embeddings_meta(args.from_embeddings))
     summary = run_evaluation(config, options, on_progress=None if args.quiet else _progress)
-    from bifta_core import storage
+    from bifta_core.io import storage
 
     with storage.open_input(storage.join(args.out, "metrics.parquet")) as fh:
         rows = pl.read_parquet(fh).to_dicts()
@@ -252,7 +252,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m jobs.evaluate``: the same as ``bifta evaluate``."""
-    from jobs.cli import main as cli_main
+    from jobs.common import main as cli_main
 
     return cli_main(["evaluate", *(argv if argv is not None else sys.argv[1:])])
 

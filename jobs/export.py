@@ -2,7 +2,7 @@
 
     bifta export label-studio preds/ --out tasks.json --only-review
 
-Writes a Label Studio import file (:mod:`bifta_core.label_studio`): one task per image with the
+Writes a Label Studio import file (:mod:`bifta_core.review.label_studio`): one task per image with the
 image reference and a prediction per label set, so reviewers correct the unsure ones; next to it
 ``<out>.label_config.xml``, the labeling config the tasks fit (one ``<Choices>`` per label set, its
 classes read from the label sets the run used, or from ``--labels``). ``--only-review`` keeps the
@@ -17,9 +17,9 @@ import sys
 
 import polars as pl
 
-from bifta_core import storage
+from bifta_core.io import storage
 from bifta_core.errors import ConfigError
-from bifta_core.label_studio import labeling_config, tasks
+from bifta_core.review.label_studio import labeling_config, tasks
 
 COLUMNS = ("image_id", "uri", "status", "error", "label", "score", "margin", "label_set", "method", "model",
            "pretrained", "run_id")
@@ -44,7 +44,7 @@ def _label_sets(predictions: str, given: list[str] | None, names: list[str]) -> 
     """``{label set: classes}`` for the labeling config, from ``--labels`` or the run file."""
     from bifta_core.config import LabelConfig
     from bifta_core.errors import LabelSetError
-    from bifta_core.labelsets import load_label_set
+    from bifta_core.io.label_sets import load_label_set
     from pipelines.write import RUN_FILE, read_json
 
     specs = given
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m jobs.export``: the same as ``bifta export``."""
-    from jobs.cli import main as cli_main
+    from jobs.common import main as cli_main
 
     return cli_main(["export", *(argv if argv is not None else sys.argv[1:])])
 

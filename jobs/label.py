@@ -11,74 +11,14 @@ dashes). A user mistake prints one ``error:`` line and exits 2.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from typing import Any
 
-from bifta_core.cascade import DEFAULT_FIRST_STAGE, first_stage_methods
-from bifta_core.config import LabelConfig, parse_scale
+from bifta_core.method.cascade import DEFAULT_FIRST_STAGE, first_stage_methods
+from bifta_core.config import LabelConfig
 from bifta_core.errors import ConfigError
-from bifta_core.methods import METHOD_NAMES, VIEW_GENERATORS
-
-EXIT_USER_ERROR = 2
-
-# flag dest -> LabelConfig field (model fields live under config.model)
-_MODEL_FIELDS = {"model", "pretrained", "device", "precision", "model_cache_dir"}
-
-
-def _scale_arg(value: str) -> tuple[float, float]:
-    """argparse type for ``--scale``: a malformed value is a usage error, not a traceback."""
-    try:
-        return parse_scale(value)
-    except ConfigError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    """A bad flag prints one ``error:`` line (not the whole usage block) and exits 2."""
-
-    def error(self, message: str):  # type: ignore[override]
-        self.exit(EXIT_USER_ERROR, f"error: {message} (see --help)\n")
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """Model and view flags shared by ``label``, ``evaluate`` and ``labelset build``."""
-    s = argparse.SUPPRESS
-    g = parser.add_argument_group("model")
-    g.add_argument("--model", default=s, help="open_clip architecture (default ViT-B-32)")
-    g.add_argument("--pretrained", default=s,
-                   help="open_clip tag (default openai), checkpoint PATH or URI (s3://…), or 'random' (tests only)")
-    g.add_argument("--device", default=s, help="auto (default), cpu, cuda, cuda:1 …")
-    g.add_argument("--precision", default=s, choices=["auto", "fp32", "fp16", "bf16"], help="autocast on CUDA")
-    g.add_argument("--model-cache-dir", default=s, help="where downloaded checkpoints are kept")
-    g.add_argument("--quick-gelu", dest="quick_gelu", action="store_true", default=s,
-                   help="build the model with QuickGELU (default: what the weights were trained with)")
-    g.add_argument("--no-quick-gelu", dest="quick_gelu", action="store_false", default=s)
-    v = parser.add_argument_group("views (WCA / BiFTA)")
-    v.add_argument("--preset", default=s, help="a released WCA/BiFTA configuration, e.g. bifta-cub (`bifta presets` lists them)")
-    v.add_argument("--grid", type=int, default=s, help="tiles per side of grid views (3, BiFTA's --num_grid)")
-    v.add_argument("--num-views", type=int, default=s, help="crops sampled per image (wca 60, bifta 100)")
-    v.add_argument("--max-views", type=int, default=s, help="crops kept after IoU refinement (bifta 100)")
-    v.add_argument("--iou-threshold", type=float, default=s, help="drop a crop whose IoU with a kept one exceeds this (bifta 0.85)")
-    v.add_argument("--scale", type=_scale_arg, default=s, help="crop side range A,B as fractions of the short side (wca 0.1,0.9; bifta 0.5,0.9)")
-    v.add_argument("--seed", type=int, default=s, help="global seed; views are seeded from (seed, image id)")
-    d = parser.add_argument_group("descriptions and scoring")
-    d.add_argument("--refine-descriptions", dest="refine_descriptions", action="store_true", default=s,
-                   help="BiFTA description refinement (default for --method bifta)")
-    d.add_argument("--no-refine-descriptions", dest="refine_descriptions", action="store_false", default=s)
-    d.add_argument("--desc-threshold", type=float, default=s, help="cosine above which a description is a near-duplicate (0.99)")
-    d.add_argument("--desc-top-k", type=int, default=s, help="descriptions kept per class after refinement (50)")
-    d.add_argument("--image-scale", type=float, default=s, help="crop-weight temperature exponent (4.0 → e^4)")
-    d.add_argument("--text-scale", type=float, default=s, help="description-weight temperature exponent (2.0 → e^2)")
-    d.add_argument("--aggregation", choices=["normalized", "sum"], default=s, help="WCA aggregation (normalized)")
-    d.add_argument("--waffle-words", default=s,
-                   help="WaffleCLIP word list (.pkl as released, .json, .txt); default: the bundled English list")
-    d.add_argument("--merge-duplicate-classes", action="store_true", default=s,
-                   help="keep the first of repeated class names instead of failing")
-    p = parser.add_argument_group("CLIP-PGS")
-    p.add_argument("--pgs-keep", type=float, default=s, help="keep ratio of ViT patch tokens for view encodes (off)")
-    p.add_argument("--pgs-whole-image", action="store_true", default=s, help="also apply PGS to the whole-image encode")
-
+from bifta_core.method.registry import METHOD_NAMES, VIEW_GENERATORS
+from jobs.common import MODEL_FIELDS, add_model_arguments, format_label_summary, print_progress
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     s = argparse.SUPPRESS
@@ -115,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="inputs per shard = per output file (20000); fixed by the first run's saved listing")
     e.add_argument("--retry-errors", action="store_true", default=s,
                    help="redo the shards whose files hold error rows (replaced atomically)")
-    e.add_argument("--labelset-cache", default=s, help="label-set embedding cache folder (~/.cache/bifta/labelsets)")
+    e.add_argument("--labelset-cache", default=s, help="label-set embedding cache folder (the labelsets folder of the cache root, $BIFTA_CACHE_DIR)")
     e.add_argument("--no-labelset-cache", dest="labelset_cache", action="store_const", const="", default=s)
     e.add_argument("--labelset-artifact", dest="labelset_artifacts", action="append", default=s,
                    help="prebuilt label set from `bifta labelset build` (repeatable)")
@@ -149,7 +89,7 @@ def config_from_args(args: argparse.Namespace) -> LabelConfig:
     model = dict(model) if isinstance(model, dict) else {"model": model}
     given: dict[str, Any] = {k: v for k, v in vars(args).items() if k not in ("config", "quiet", "verbose", "command", "func")}
     for key, value in given.items():
-        if key in _MODEL_FIELDS:
+        if key in MODEL_FIELDS:
             model["cache_dir" if key == "model_cache_dir" else key] = value
         else:
             data[key] = value
@@ -158,58 +98,19 @@ def config_from_args(args: argparse.Namespace) -> LabelConfig:
     return LabelConfig.from_dict(data)
 
 
-def format_summary(summary: dict[str, Any]) -> str:
-    """The one-screen end-of-run summary."""
-    lines = [
-        "",
-        "bifta label — summary",
-        f"  output        {summary['out']}",
-        f"  method        {summary['method']}  model {summary['model']} ({summary['pretrained']})",
-        "  label sets    " + ", ".join(f"{k} ({v['classes']} classes)" for k, v in summary["label_sets"].items()),
-        f"  inputs        {summary['inputs']} in {summary['shards']} shards  "
-        f"(already done {summary['skipped_already_done']})",
-        f"  labelled      {summary['ok']} ok, {summary['errors']} errors",
-        f"  throughput    {summary['images_per_second']} images/s over {summary['encode_seconds']} s",
-        f"  views         {summary['views_per_image']} encoded per image; {100 * summary['share_with_views']:.1f}% "
-        f"of images needed views" + (f" (cascade: {summary['cascade']['first']} decides where its margin >= "
-                                     f"{summary['cascade']['margin']})" if summary.get("cascade") else ""),
-        f"  files         {summary['files_written']} written, {summary['rows_written']} rows",
-    ]
-    if summary.get("embeddings"):
-        lines.append(f"  embeddings    {summary['embeddings']} (bifta relabel {summary['out']} --labels NEW --out OUT2)")
-    if summary["error_reasons"]:
-        lines.append("  error reasons " + "; ".join(f"{k} ×{v}" for k, v in summary["error_reasons"].items()))
-    if summary.get("random_weights"):
-        lines.append("  WARNING       random weights: these labels are meaningless")
-    return "\n".join(lines)
-
-
-def _progress(info: dict) -> None:
-    done, total = info["done"], info["total"]
-    rate = done / info["elapsed_s"] if info["elapsed_s"] else 0.0
-    eta = (total - done) / rate if rate else float("nan")
-    print(f"[bifta] {done}/{total} images ({100 * done / total:.0f}%), {info['errors']} errors, "
-          f"{rate:.2f} img/s, eta {eta:.0f}s", file=sys.stderr, flush=True)
-
-
-def configure_logging(quiet: bool = False) -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logging.getLogger("bifta").setLevel(logging.WARNING if quiet else logging.INFO)
-
-
 def run(args: argparse.Namespace) -> int:
     """Run from parsed flags; raises :class:`BiftaUserError` for user mistakes."""
     from pipelines.pipeline import run_label_job
 
     config = config_from_args(args)
-    summary = run_label_job(config, on_progress=None if args.quiet else _progress)
-    print(format_summary(summary))
+    summary = run_label_job(config, on_progress=None if args.quiet else print_progress)
+    print(format_label_summary(summary))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m jobs.label``: the same as ``bifta label``."""
-    from jobs.cli import main as cli_main
+    from jobs.common import main as cli_main
 
     return cli_main(["label", *(argv if argv is not None else sys.argv[1:])])
 

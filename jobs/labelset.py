@@ -14,19 +14,19 @@ import logging
 import sys
 
 from bifta_core.errors import LabelSetError
-from bifta_core.labelset_artifact import save_artifact
-from bifta_core.labelsets import LabelSet, load_label_set
-from bifta_core.methods import METHODS
-from bifta_core.models import load_model, text_precision
-from bifta_core.text_banks import BankSpec, build_label_set_embeddings
-from bifta_core.waffle import words_location
+from bifta_core.io.label_set_artifacts import save_artifact
+from bifta_core.io.label_sets import LabelSet, load_label_set
+from bifta_core.method.registry import METHODS
+from bifta_core.io.models import load_model, text_precision
+from bifta_core.method.text_banks import BankSpec, build_label_set_embeddings
+from bifta_core.method.waffle import words_location
 
 logger = logging.getLogger("bifta.labelset")
 
 
 def available_specs(label_set: LabelSet, threshold: float, top_k: int, *, seed: int = 0,
                     waffle_words: str | None = None) -> list[BankSpec]:
-    """A bank for every method of :data:`bifta_core.methods.METHODS` the label set supports, so one
+    """A bank for every method of :data:`bifta_core.method.registry.METHODS` the label set supports, so one
     artifact serves any ``--method`` (WaffleCLIP's texts drawn from ``seed`` and ``waffle_words``)."""
     specs = []
     for m in METHODS.values():
@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jobs.cli import main as cli_main
+    from jobs.common import main as cli_main
 
     return cli_main(["labelset", *(argv if argv is not None else sys.argv[1:])])
 

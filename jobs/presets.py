@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from bifta_core.presets import PRESETS, describe_preset
+from bifta_core.method.presets import PRESETS, describe_preset
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,6 +34,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    from jobs.cli import main
+    from jobs.common import main
 
     raise SystemExit(main(["presets"]))

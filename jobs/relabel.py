@@ -15,11 +15,11 @@ import argparse
 import sys
 from typing import Any
 
-from bifta_core.cascade import DEFAULT_FIRST_STAGE, first_stage_methods
+from bifta_core.method.cascade import DEFAULT_FIRST_STAGE, first_stage_methods
 from bifta_core.config import LabelConfig
 from bifta_core.errors import ConfigError
-from bifta_core.methods import METHOD_NAMES
-from jobs.label import _MODEL_FIELDS, _progress, add_model_arguments, format_summary
+from bifta_core.method.registry import METHOD_NAMES
+from jobs.common import MODEL_FIELDS, add_model_arguments, format_label_summary, print_progress
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--num-scorers", dest="num_encoders", type=int, default=s,
                    help="scoring actors (default: half the CPUs of an embedded Ray, else all)")
     e.add_argument("--top-k", type=int, default=s, help="labels kept per image (5)")
-    e.add_argument("--labelset-cache", default=s, help="label-set embedding cache folder (~/.cache/bifta/labelsets)")
+    e.add_argument("--labelset-cache", default=s, help="label-set embedding cache folder (the labelsets folder of the cache root, $BIFTA_CACHE_DIR)")
     e.add_argument("--no-labelset-cache", dest="labelset_cache", action="store_const", const="", default=s)
     e.add_argument("--labelset-artifact", dest="labelset_artifacts", action="append", default=s,
                    help="prebuilt label set from `bifta labelset build` (repeatable)")
@@ -62,7 +62,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[LabelConfig, set[str]]:
     data: dict[str, Any] = {"input": given.pop("embeddings", "")}
     model: dict[str, Any] = {}
     for key, value in given.items():
-        if key in _MODEL_FIELDS:
+        if key in MODEL_FIELDS:
             model["cache_dir" if key == "model_cache_dir" else key] = value
         else:
             data[key] = value
@@ -76,14 +76,14 @@ def run(args: argparse.Namespace) -> int:
     config, given = config_from_args(args)
     if not config.input:
         raise ConfigError("no EMBEDDINGS given: the --out of a `bifta label --save-embeddings` run")
-    summary = run_relabel_job(config, given=given, on_progress=None if args.quiet else _progress)
-    print(format_summary(summary).replace("bifta label — summary", "bifta relabel — summary"))
+    summary = run_relabel_job(config, given=given, on_progress=None if args.quiet else print_progress)
+    print(format_label_summary(summary).replace("bifta label — summary", "bifta relabel — summary"))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m jobs.relabel``: the same as ``bifta relabel``."""
-    from jobs.cli import main as cli_main
+    from jobs.common import main as cli_main
 
     return cli_main(["relabel", *(argv if argv is not None else sys.argv[1:])])
 

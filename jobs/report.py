@@ -26,8 +26,10 @@ from typing import Any, Iterator
 import polars as pl
 import pyarrow as pa
 
-from bifta_core import analytics, storage
+from bifta_core.review import analytics
+from bifta_core.io import storage
 from bifta_core.errors import ConfigError, InputError
+from bifta_core.validation import integer
 
 REPORT_DIR = "_report"
 
@@ -173,8 +175,7 @@ def format_report(report: dict[str, Any], top: int) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Run from parsed flags; raises :class:`BiftaUserError` for user mistakes."""
-    if args.top < 1:
-        raise ConfigError(f"--top must be a positive integer, got {args.top}")
+    integer("--top", args.top)
     for flag, value in (("--min-margin", args.min_margin), ("--min-score", args.min_score)):
         if value is not None and not math.isfinite(value):
             raise ConfigError(f"{flag} must be a finite number, got {value}")
@@ -203,7 +204,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m jobs.report``: the same as ``bifta report``."""
-    from jobs.cli import main as cli_main
+    from jobs.common import main as cli_main
 
     return cli_main(["report", *(argv if argv is not None else sys.argv[1:])])
 

@@ -3,7 +3,7 @@
     bifta review preds/ --max-items 300 --html review.html
 
 Reads the prediction folder lazily (local or s3://), picks a review queue (lowest margin first,
-then error rows) and a sample per predicted class (:mod:`bifta_core.review`), makes ≤ 256 px
+then error rows) and a sample per predicted class (:mod:`bifta_core.review.page`), makes ≤ 256 px
 thumbnails — on Ray workers when there are many — and writes one self-contained page that opens
 from disk (no server, nothing fetched): thumbnails, top-k bars, margin, explanation, the
 highest-weighted WCA/BiFTA views as boxes, and in-browser filters. Default location:
@@ -19,9 +19,10 @@ from typing import Any
 
 import polars as pl
 
-from bifta_core import storage
+from bifta_core.io import storage
 from bifta_core.errors import ConfigError
-from bifta_core.review import Selection, Thumbnail, render_page, select_rows, thumbnail
+from bifta_core.validation import integer
+from bifta_core.review.page import Selection, Thumbnail, render_page, select_rows, thumbnail
 
 REVIEW_DIR = "_review"
 #: Above this many thumbnails they are made by Ray tasks (chunks of THUMBS_PER_TASK), else on local threads.
@@ -137,8 +138,7 @@ def build_page(out: str, selection: Selection, label_set: str | None = None,
 
 def run(args: argparse.Namespace) -> int:
     for flag, value in (("--max-items", args.max_items), ("--per-class", args.per_class)):
-        if value < 1:
-            raise ConfigError(f"{flag} must be a positive integer, got {value}")
+        integer(flag, value)
     if args.screenshot:
         browser()  # a missing Chromium fails before any work
     page, counts = build_page(args.out, Selection(args.max_items, args.per_class, args.seed), args.label_set)
@@ -155,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m jobs.review``: the same as ``bifta review``."""
-    from jobs.cli import main as cli_main
+    from jobs.common import main as cli_main
 
     return cli_main(["review", *(argv if argv is not None else sys.argv[1:])])
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from bifta_core.config import parse_scale
 from bifta_core.errors import ConfigError
-from bifta_core.training import TrainConfig
+from bifta_core.method.training import TrainConfig
 
 
 def _scale_arg(value: str) -> tuple[float, float]:
@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m jobs.train``: the same as ``bifta train``."""
-    from jobs.cli import main as cli_main
+    from jobs.common import main as cli_main
 
     return cli_main(["train", *(argv if argv is not None else sys.argv[1:])])
 

@@ -6,7 +6,7 @@ working resolution, go straight into crop geometry instead of through the object
 
 from __future__ import annotations
 
-from bifta_core.images import DecodedImage, ImageDecodeError, decode_image
+from bifta_core.io.images import DecodedImage, ImageDecodeError, decode_image
 
 
 def decode_or_error(

@@ -3,12 +3,12 @@
 ``run_evaluation(config, options)`` lists a labelled dataset, prepares the label set's text banks
 for every method (cached like ``bifta label``), encodes each image's whole view and the views of
 every preset the rows need (WCA's and BiFTA's, each sampled as ``bifta label --method wca|bifta``
-samples them with the same view flags) in one Ray Data pass (:mod:`pipelines.embed`) — or reads
+samples them with the same view flags) in one Ray Data pass (:mod:`pipelines.evaluate_stages`) — or reads
 them back from a saved ``embeddings.parquet`` — and streams the embeddings through
-:class:`bifta_core.evaluation.EvaluationAccumulator` on the driver. Outputs under ``options.out``:
+:class:`bifta_core.evaluation.metrics.EvaluationAccumulator` on the driver. Outputs under ``options.out``:
 ``metrics.parquet``, ``per_class.parquet``, ``predictions.parquet`` (each with ``model``,
 ``pretrained`` and ``random_weights`` columns), ``cascade.parquet`` (the accuracy-for-views curve
-of :mod:`bifta_core.cascade`, when its two rows were scored), ``report.md`` with PNG plots,
+of :mod:`bifta_core.method.cascade`, when its two rows were scored), ``report.md`` with PNG plots,
 ``evaluate_summary.json`` and, with ``save_embeddings``, ``embeddings.parquet``.
 """
 
@@ -28,11 +28,12 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bifta_core import storage
-from bifta_core.cascade import DEFAULT_FIRST_STAGE, CascadeSpec, cascade_curve, recommended_thresholds
+from bifta_core.io import storage
+from bifta_core.method.cascade import DEFAULT_FIRST_STAGE, CascadeSpec, cascade_curve, recommended_thresholds
 from bifta_core.config import LabelConfig
 from bifta_core.errors import ConfigError, InputError
-from bifta_core.eval_embeddings import (
+from bifta_core.validation import integer
+from bifta_core.evaluation.embeddings import (
     EMBEDDINGS_FILE,
     FLAT_SCHEMA,
     META_KEY,
@@ -41,8 +42,8 @@ from bifta_core.eval_embeddings import (
     meta_presets,
     read_meta,
 )
-from bifta_core.eval_report import render_report
-from bifta_core.evaluation import (
+from bifta_core.evaluation.report import render_report
+from bifta_core.evaluation.metrics import (
     DEFAULT_LOGIT_SCALE,
     EvaluationAccumulator,
     ImageBatch,
@@ -55,7 +56,7 @@ from bifta_core.evaluation import (
     standard_methods,
     usable_methods,
 )
-from bifta_core.predict import ScoreParams
+from bifta_core.method.prediction import ScoreParams
 from pipelines.inputs import ListingOptions, build_listing, distinct_true_labels
 from pipelines.plan import env_args, is_embedded, plan_resources, run_shards
 from pipelines.write import part_files, read_shard_stats
@@ -111,10 +112,8 @@ class EvaluateOptions:
             raise ConfigError("--label-column must name a column, got an empty name")
         if not (self.logit_scale > 0 and math.isfinite(self.logit_scale)):
             raise ConfigError(f"--logit-scale must be a positive number, got {self.logit_scale}")
-        if isinstance(self.bins, bool) or not isinstance(self.bins, int) or self.bins < 1:
-            raise ConfigError(f"--bins must be a positive integer, got {self.bins!r}")
-        if isinstance(self.score_chunk, bool) or not isinstance(self.score_chunk, int) or self.score_chunk < 1:
-            raise ConfigError(f"score_chunk must be a positive integer, got {self.score_chunk!r}")
+        integer("--bins", self.bins)
+        integer("score_chunk", self.score_chunk)
         select_methods(self.methods)  # unknown row names are an error naming the valid ones
         rows = {m.name: m for m in standard_methods()}
         if self.cascade_first is not None and (self.cascade_first not in rows or rows[self.cascade_first].uses_views):
@@ -172,8 +171,8 @@ def run_evaluation(
     """Evaluate every method on the labelled inputs of ``config``; returns the written summary."""
     import ray
 
-    from bifta_core.models import is_vit_architecture
-    from pipelines.embed import load_eval_label_set, model_embed_dim, prepare_eval_label_set
+    from bifta_core.io.models import is_vit_architecture
+    from pipelines.evaluate_stages import load_eval_label_set, model_embed_dim, prepare_eval_label_set
     from pipelines.pipeline import ensure_ray, model_config, preset_record
 
     options.validate()
@@ -223,7 +222,7 @@ def run_evaluation(
         source = embeddings_path(options.from_embeddings)
         views_used = {p: stored_meta["views"][p] for p in preset_names}
     else:
-        from pipelines.embed import embeddings_meta, eval_stages, view_presets
+        from pipelines.evaluate_stages import embeddings_meta, eval_stages, view_presets
 
         source = "encoded in this run"
         presets = view_presets(config, preset_names)

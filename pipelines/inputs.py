@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from bifta_core import storage
+from bifta_core.io import storage
 from bifta_core.errors import InputError
 
 if TYPE_CHECKING:

@@ -21,15 +21,15 @@ from typing import Any, Callable
 import pyarrow as pa
 import ray
 
-from bifta_core import storage
+from bifta_core.io import storage
 from bifta_core.config import LabelConfig
-from bifta_core.methods import METHODS, ViewPreset
+from bifta_core.method.registry import METHODS, ViewPreset
 from bifta_core.errors import BiftaUserError, ConfigError, StorageError
-from bifta_core.saved_embeddings import SAVED_DIR, SAVED_FORMAT
-from bifta_core.models import config_fingerprint, is_vit_architecture, model_preprocess, model_provenance
+from bifta_core.io.saved_embeddings import SAVED_DIR, SAVED_FORMAT
+from bifta_core.io.models import config_fingerprint, is_vit_architecture, model_preprocess, model_provenance
 from pipelines.encode import EncodeStage
 from pipelines.inputs import Listing, ListingOptions, build_listing, normalise_spec, plan_sources, read_listing, shards_stage
-from pipelines.label_set import bank_specs, default_cache_dir, first_stage_spec, load_label_sets, plan_label_sets, prepare_label_sets
+from pipelines.label_sets import bank_specs, default_cache_dir, first_stage_spec, load_label_sets, plan_label_sets, prepare_label_sets
 from pipelines.plan import QUIET_ENV, Resources, Stage, env_args, is_embedded, plan_resources, run_shards
 from pipelines.read import read_stage
 from pipelines.views import views_stage
@@ -86,10 +86,10 @@ def model_facts(config: LabelConfig, use_gpu: bool) -> dict[str, Any]:
     """What the driver needs to know about the model — label-set cache identity, provenance (run id),
     preprocessing, whether CLIP-PGS applies — computed in a Ray task, where open_clip is imported:
     open_clip, timm and torchvision (~300 MB) stay out of the driver."""
-    from pipelines.label_set import label_set_identity
+    from pipelines.label_sets import label_set_identity
 
     m = config.model
-    from pipelines.embed import model_embed_dim
+    from pipelines.evaluate_stages import model_embed_dim
 
     return {"label_set_identity": label_set_identity(config), "provenance": model_provenance_of(config, use_gpu),
             "preprocess": model_preprocess(m.model, m.pretrained), "is_vit": is_vit_architecture(m.model),
@@ -106,7 +106,7 @@ def _facts_cache_path(config: LabelConfig, use_gpu: bool) -> str | None:
     import hashlib
     from importlib.metadata import PackageNotFoundError, version
 
-    import bifta_core.models as models
+    import bifta_core.io.models as models
 
     m = config.model
     if config.labelset_cache == "" or m.cache_dir or models.is_weights_location(m.pretrained):
@@ -115,7 +115,7 @@ def _facts_cache_path(config: LabelConfig, use_gpu: bool) -> str | None:
         open_clip_version = version("open_clip_torch")
     except PackageNotFoundError:
         return None
-    # The facts are computed by bifta_core.models (and the architecture's bundled config, if any):
+    # The facts are computed by bifta_core.io.models (and the architecture's bundled config, if any):
     # a change to either is a new key, so no stale facts outlive the code that made them.
     sources = [models.__file__, os.path.join(os.path.dirname(models.__file__), "model_configs",
                                              f"{m.model.replace('/', '-')}.json")]
@@ -152,7 +152,7 @@ def preset_record(config: LabelConfig) -> dict[str, Any]:
     """``{"preset": …}`` for run files and reports: the released preset and the views it resolved to."""
     if not config.preset:
         return {}
-    from bifta_core.presets import PRESETS, describe_preset
+    from bifta_core.method.presets import PRESETS, describe_preset
 
     record = describe_preset(PRESETS[config.preset])
     record["views_in_force"] = dataclasses.asdict(config.view_preset()) if config.uses_views else None
@@ -387,7 +387,7 @@ def label_stages(config: LabelConfig, res: Resources, label_sets, run_id: str, s
 
 
 def kept_embeddings_settings(config: LabelConfig, facts: dict[str, Any], run_id: str) -> dict[str, Any]:
-    """What the writers need to keep a shard's embeddings (:mod:`bifta_core.saved_embeddings`),
+    """What the writers need to keep a shard's embeddings (:mod:`bifta_core.io.saved_embeddings`),
     with the metadata ``bifta relabel`` checks its model against."""
     m = config.model
     meta = {"format": SAVED_FORMAT, "model": facts["provenance"], "dim": facts["embed_dim"],

@@ -2,7 +2,7 @@
 
 Each stage module declares its stage next to its code (name, function or callable class, batch
 size, resources, concurrency), the way NeMo Curator stages do; a job's plan is a list of stages
-(:func:`label_plan` in ``pipelines.pipeline``, the evaluation's in ``pipelines.embed``) that
+(:func:`label_plan` in ``pipelines.pipeline``, the evaluation's in ``pipelines.evaluate_stages``) that
 :func:`build_dataset` turns into one Ray Data pipeline. Labelling and evaluation share it, so their
 resources, runtime environment and retries cannot drift apart.
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 
-from bifta_core import storage
+from bifta_core.io import storage
 from bifta_core.errors import StorageError
 from pipelines.columns import to_table
 

@@ -28,18 +28,19 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
-from bifta_core import storage
-from bifta_core.cascade import needs_views
+from bifta_core.io import storage
+from bifta_core.method.cascade import needs_views
 from bifta_core.config import LabelConfig
 from bifta_core.errors import ConfigError, InputError
-from bifta_core.methods import METHODS
-from bifta_core.predict import ScoreParams, top_views
-from bifta_core.scoring import view_weights
-from bifta_core.saved_embeddings import SAVED_DIR, SavedBatch, read_meta, to_batch
+from bifta_core.method.registry import METHODS
+from bifta_core.method.prediction import ScoreParams, top_views
+from bifta_core.method.scoring import view_weights
+from bifta_core.io.saved_embeddings import SAVED_DIR, SavedBatch, read_meta, to_batch
 from pipelines.plan import Stage, env_args, is_embedded, run_shards
-from pipelines.score import RowContext, Scorer, build_rows, merge_cascade
+from bifta_core.io.rows import RowContext, build_rows, merge_cascade
+from bifta_core.method.prediction import Scorer
 from pipelines.write import (
-    LAYOUT_VERSION, RUN_FILE, SUMMARY_FILE, finished_shards, output_schema, part_name, read_json, read_shard_stats,
+    LAYOUT_VERSION, RUN_FILE, SUMMARY_FILE, finished_shards, output_schema, part_name, read_shard_stats,
     write_json,
 )
 
@@ -135,7 +136,7 @@ def run_relabel_job(config: LabelConfig, *, given: set[str] = frozenset(),
                     on_progress: Callable[[dict], None] | None = None) -> dict[str, Any]:
     """Relabel the embeddings in ``config.input``; ``given``: LabelConfig field names set by flags
     (the others take the embeddings' settings). Returns the summary written to ``OUT/_bifta_summary.json``."""
-    from pipelines.label_set import load_label_sets, plan_label_sets, prepare_label_sets
+    from pipelines.label_sets import load_label_sets, plan_label_sets, prepare_label_sets
     from pipelines.pipeline import (
         _check_out, _unwrap, cached_model_facts, cascade_args, ensure_ray, model_config, run_id_for,
     )
@@ -174,7 +175,7 @@ def run_relabel_job(config: LabelConfig, *, given: set[str] = frozenset(),
         cpus = int(ray.cluster_resources().get("CPU", 1))
         actors = config.num_encoders or max(1, cpus // 2 if is_embedded() else cpus)
         specs_first = cascade_args(config)
-        from pipelines.label_set import bank_specs
+        from pipelines.label_sets import bank_specs
 
         specs = bank_specs(config)
         stages = [

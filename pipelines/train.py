@@ -5,7 +5,7 @@ checkpoint to resume from, and runs a ``TorchTrainer`` (one worker per GPU, or C
 gloo). Data: ``ray.data.range`` over the remaining stream positions → CPU tasks map each position
 to a manifest row (per-epoch permutation seeded from (seed, epoch)), read, decode and augment it
 and tokenize its caption → ``get_dataset_shard("train")`` on every worker. Workers run
-:class:`bifta_core.training.Trainer`; rank 0 writes checkpoints, the metrics log and the summary.
+:class:`bifta_core.method.training.Trainer`; rank 0 writes checkpoints, the metrics log and the summary.
 
 Output layout under ``--out`` (local or ``s3://``)::
 
@@ -34,9 +34,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from bifta_core import storage
+from bifta_core.io import storage
 from bifta_core.errors import BiftaUserError, ConfigError, InputError
-from bifta_core.training import TrainConfig
+from bifta_core.method.training import TrainConfig
 
 logger = logging.getLogger("bifta.train")
 
@@ -135,7 +135,7 @@ def make_plan(cfg: TrainConfig, num_samples: int) -> Plan:
 def _tokenizer(model_name: str):
     import open_clip
 
-    from bifta_core.models import register_bundled_configs
+    from bifta_core.io.models import register_bundled_configs
 
     register_bundled_configs()
     return open_clip.get_tokenizer(model_name)
@@ -163,7 +163,7 @@ def decode_batch(batch: dict[str, np.ndarray], *, holder: list, start: int, num_
     Every random choice (which row sits at a position, the crop) is a function of (seed, position)
     or (seed, image id, epoch), so any task on any node produces the same sample for a position.
     """
-    from bifta_core.training import decode_train_image, sample_index
+    from bifta_core.method.training import decode_train_image, sample_index
 
     table = _manifest(holder)
     positions = batch["id"].astype(np.int64) + start
@@ -286,8 +286,8 @@ def train_loop(loop: dict[str, Any]) -> None:
     import torch
     from torch.nn.parallel import DistributedDataParallel
 
-    from bifta_core.models import load_model
-    from bifta_core.training import Trainer, state_dict_sha256
+    from bifta_core.io.models import load_model
+    from bifta_core.method.training import Trainer, state_dict_sha256
 
     cfg = TrainConfig.from_dict(loop["config"])
     plan = Plan(**loop["plan"])
@@ -358,7 +358,7 @@ def train_loop(loop: dict[str, Any]) -> None:
         digests = [None] * world
         dist.all_gather_object(digests, digest)
     if rank == 0:
-        from bifta_core.models import save_checkpoint
+        from bifta_core.io.models import save_checkpoint
 
         local_final = None
         if storage.is_remote(cfg.out):
@@ -391,8 +391,9 @@ def train_loop(loop: dict[str, Any]) -> None:
 
 def _ray_train_dir() -> str:
     """Ray Train's own run folder (bifta keeps its checkpoints under --out, not here)."""
-    base = os.environ.get("BIFTA_CACHE_DIR") or os.path.join("~", ".cache", "bifta")
-    return os.path.join(os.path.expanduser(base), "ray-train")
+    from bifta_core.io.cache import cache_dir
+
+    return cache_dir("ray-train")
 
 
 # ------------------------------------------------------------------------------------ driver
@@ -417,7 +418,7 @@ def run_train_job(config: TrainConfig) -> dict[str, Any]:
     from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from bifta_core.models import is_vit_architecture, model_preprocess
+    from bifta_core.io.models import is_vit_architecture, model_preprocess
     from pipelines.pipeline import ensure_ray
 
     cfg = config.validate()
@@ -425,7 +426,7 @@ def run_train_job(config: TrainConfig) -> dict[str, Any]:
     if cfg.pgs_mask > 0 and not is_vit_architecture(cfg.model):
         raise ConfigError(f"--pgs-mask needs a ViT image tower; {cfg.model} is not supported by CLIP-PGS "
                           "(use --pgs-mask 0 for plain CLIP)")
-    from bifta_core.models import load_model
+    from bifta_core.io.models import load_model
 
     load_model(cfg.model, cfg.load_pretrained, device="cpu")  # bad --model/--pretrained fail here, once
     table = load_manifest(cfg)

@@ -3,7 +3,7 @@
 Per image: decode at working resolution, encode-ready whole image (open_clip eval preprocessing,
 uint8), and for WCA/BiFTA the view boxes — sampled (WCA localized visual prompting), refined by IoU
 (BiFTA view refinement), seeded from (global seed, image id) — mapped onto the working image.
-Crops are cut later by the encoder (``bifta_core.views.crop_resize_tensor``), on the GPU when there
+Crops are cut later by the encoder (``bifta_core.method.views.crop_resize_tensor``), on the GPU when there
 is one, so only the working-resolution image and a few boxes travel through the object store.
 """
 
@@ -15,9 +15,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from bifta_core.images import boxes_to_working, working_min_side
-from bifta_core.seeding import generator_for
-from bifta_core.views import ViewPreset, crop_resize_tensor, generate_boxes, refine_boxes
+from bifta_core.io.images import boxes_to_working, working_min_side
+from bifta_core.method.seeding import generator_for
+from bifta_core.method.views import ViewPreset, crop_resize_tensor, generate_boxes, refine_boxes
 from pipelines.columns import to_table
 from pipelines.decode import decode_or_error
 

@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from bifta_core import storage
+from bifta_core.io import storage
 
 if TYPE_CHECKING:
     from pipelines.plan import Stage
@@ -178,11 +178,11 @@ class ShardWriter:
         self.out = out
         self.schema = schema
         # ``{"dim", "dtype", "views", "meta"}``: the rows carry embeddings, kept next to each part file
-        # (bifta_core.saved_embeddings); the buffered rows then have those columns too.
+        # (bifta_core.io.saved_embeddings); the buffered rows then have those columns too.
         self.embeddings = embeddings
         self._buffered = schema
         if embeddings is not None:
-            from bifta_core.saved_embeddings import FLAT_FIELDS
+            from bifta_core.io.saved_embeddings import FLAT_FIELDS
 
             self._buffered = pa.schema([*schema, *FLAT_FIELDS])
         if expected is None:  # writer (i, n): its shards of the pass plan the driver saved under ``out``
@@ -247,7 +247,7 @@ class ShardWriter:
         return stats
 
     def _publish_embeddings(self, table: pa.Table, shard: str, stats: dict[str, Any]) -> None:
-        from bifta_core.saved_embeddings import SAVED_DIR, to_stored
+        from bifta_core.io.saved_embeddings import SAVED_DIR, to_stored
 
         e = self.embeddings
         saved = to_stored(table, e["dim"], e["dtype"], e["views"], e["meta"])

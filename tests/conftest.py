@@ -18,20 +18,31 @@ pytest_plugins = ["tests.s3_server"]
 SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"
 
 
+@pytest.fixture(scope="session")
+def _ray_session():
+    """Shuts down, at the end of the session, the local Ray the modules share."""
+    yield
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 @pytest.fixture(scope="module")
-def local_ray():
-    """One local Ray (2 CPUs) for a module's in-process runs, shut down after the module; a module
-    asks for it with ``pytestmark = pytest.mark.usefixtures("local_ray")``."""
+def local_ray(_ray_session):
+    """A local Ray (2 CPUs) for a module's in-process runs, shared with the next modules (starting
+    Ray costs seconds per module); a module asks for it with ``pytest.mark.usefixtures("local_ray")``
+    or as an argument. A module that needs another Ray (test_train: 3 CPUs) shuts it down and
+    starts its own; the next module asking for this one starts it again."""
     import ray
 
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
     yield
-    ray.shutdown()
 
 
 def _build_checkpoint(tmp_path_factory: pytest.TempPathFactory, arch: str) -> Path:
-    from bifta_core.models import load_model, save_checkpoint
+    from bifta_core.io.models import load_model, save_checkpoint
 
     model = load_model(arch, "random", device="cpu")
     path = tmp_path_factory.mktemp("checkpoints") / f"{arch}.pt"
@@ -54,7 +65,7 @@ def tiny_rn_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_vit_model(tiny_vit_checkpoint: Path):
     """``bifta-tiny-vit`` loaded from :func:`tiny_vit_checkpoint` on CPU (shared, do not mutate)."""
-    from bifta_core.models import load_model
+    from bifta_core.io.models import load_model
 
     return load_model("bifta-tiny-vit", str(tiny_vit_checkpoint), device="cpu")
 

@@ -199,7 +199,7 @@ class S3Server:
         return f"s3://{name}"
 
     def put(self, uri: str, data: bytes) -> None:
-        """Upload *data* to ``s3://bucket/key`` directly, bypassing bifta_core.storage."""
+        """Upload *data* to ``s3://bucket/key`` directly, bypassing bifta_core.io.storage."""
         bucket, key = uri.removeprefix("s3://").split("/", 1)
         self.client().put_object(Bucket=bucket, Key=key, Body=data)
 

@@ -1,4 +1,4 @@
-"""The cascade (``bifta label --cascade-margin T``, ``bifta_core.cascade``, evaluate's curve).
+"""The cascade (``bifta label --cascade-margin T``, ``bifta_core.method.cascade``, evaluate's curve).
 
 Pure parts first (the rule, the threshold grid, the curve, the first-stage decode); then the
 pipeline on the tiny random-weights model over generated images and real JPEG photos (whose
@@ -20,7 +20,7 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from bifta_core.cascade import (
+from bifta_core.method.cascade import (
     CascadeSpec,
     cascade_curve,
     default_thresholds,
@@ -96,7 +96,7 @@ def test_curve_ends_are_the_two_methods_and_its_cost_is_views_of_unsure_images()
 
 
 def test_first_stage_whole_image_is_decoded_as_a_whole_image_method_decodes_it() -> None:
-    from bifta_core.images import decode_image, working_min_side
+    from bifta_core.io.images import decode_image, working_min_side
 
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (480, 640, 3), dtype=np.uint8))
     buf = io.BytesIO()

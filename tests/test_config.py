@@ -8,7 +8,7 @@ import pytest
 
 from bifta_core.config import LabelConfig, ModelConfig, parse_scale
 from bifta_core.errors import BiftaUserError, ConfigError
-from bifta_core.methods import METHOD_NAMES
+from bifta_core.method.registry import METHOD_NAMES
 
 
 def _cfg(**kwargs) -> LabelConfig:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import signal
 import subprocess
@@ -226,7 +225,7 @@ def test_plan_refuses_what_an_embedded_ray_can_never_place_and_hides_gpus_from_c
 
 
 def test_label_and_evaluate_plans_come_from_one_builder() -> None:
-    from pipelines.embed import eval_stages, view_presets
+    from pipelines.evaluate_stages import eval_stages, view_presets
     from pipelines.pipeline import label_stages
     from pipelines.plan import describe, plan_resources
 
@@ -245,15 +244,9 @@ def test_label_and_evaluate_plans_come_from_one_builder() -> None:
 
 # ---------------------------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+def ray_local(local_ray):
+    """The shared local Ray (conftest)."""
     yield
-    if started:
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bifta_core.describe import (
+from bifta_core.io.description_generation import (
     DescribeConfig,
     clean_descriptors,
     clean_sentences,
@@ -28,7 +28,7 @@ from bifta_core.describe import (
     normalize_key,
 )
 from bifta_core.errors import BiftaUserError, ConfigError, LabelSetError
-from bifta_core.llm import ChatClient, ChatRequest, LLMError, parse_retry_after, retry_delay
+from bifta_core.io.llm import ChatClient, ChatRequest, LLMError, parse_retry_after, retry_delay
 from jobs import describe as describe_cli
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "descriptions"
@@ -146,7 +146,7 @@ class _Server(ThreadingHTTPServer):
 
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for var in ("OPENAI_BASE_URL", "OPENAI_API_KEY", "OPENAI_MODEL", "XDG_CACHE_HOME"):
+    for var in ("OPENAI_BASE_URL", "OPENAI_API_KEY", "OPENAI_MODEL", "XDG_CACHE_HOME", "BIFTA_CACHE_DIR"):
         monkeypatch.delenv(var, raising=False)
     for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
         monkeypatch.delenv(var, raising=False)

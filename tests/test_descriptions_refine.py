@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bifta_core.descriptions import normalize_text, refine_descriptions
+from bifta_core.method.refinement import normalize_text, refine_descriptions
 from bifta_core.errors import ConfigError
 
 PROPS = settings(max_examples=80, deadline=None)

@@ -23,9 +23,9 @@ import pytest
 import torch
 
 from bifta_core.errors import InputError
-from bifta_core.eval_embeddings import embeddings_to_batch, meta_presets
-from bifta_core.evaluation import ImageBatch, ViewSet, map_labels, method_names, scores_for, select_methods
-from bifta_core.predict import ScoreParams
+from bifta_core.evaluation.embeddings import embeddings_to_batch, meta_presets
+from bifta_core.evaluation.metrics import ImageBatch, ViewSet, map_labels, method_names, scores_for, select_methods
+from bifta_core.method.prediction import ScoreParams
 
 N_IMAGES = 12
 MODEL_FLAGS = ["--model", "bifta-tiny-vit", "--pretrained", "random", "--device", "cpu"]
@@ -116,8 +116,8 @@ def _embeddings(out: Path) -> tuple[ImageBatch, list[str]]:
 def _label_set_embeddings(label_set: Path, work: Path, methods: list[str] | None = None):
     """The evaluation's text banks, from the label-set cache the run filled (no text encoded)."""
     from bifta_core.config import LabelConfig, ModelConfig
-    from bifta_core.evaluation import bank_specs_for
-    from pipelines.embed import load_eval_label_set, prepare_eval_label_set
+    from bifta_core.evaluation.metrics import bank_specs_for
+    from pipelines.evaluate_stages import load_eval_label_set, prepare_eval_label_set
     from pipelines.pipeline import model_config
 
     config = LabelConfig(input="x", labels=[str(label_set)], out="x", desc_top_k=3,
@@ -442,8 +442,8 @@ def test_wca_bifta_and_clip_rows_predict_what_bifta_label_predicts(small_label_s
                                                                     work: Path) -> None:
     """Same images, seed, model and view flags: evaluate's rows equal ``run_label_job``'s predictions."""
     from bifta_core.config import LabelConfig, ModelConfig
-    from bifta_core.seeding import generator_for
-    from bifta_core.views import refine_boxes, sample_boxes
+    from bifta_core.method.seeding import generator_for
+    from bifta_core.method.views import refine_boxes, sample_boxes
     from jobs.evaluate import main
     from PIL import Image
     from pipelines.pipeline import run_label_job
@@ -569,7 +569,7 @@ def test_bad_flags_are_one_error_line_before_any_work(flags: list[str], message:
 
 def test_report_echoes_a_released_preset(evaluated: Path) -> None:
     from bifta_core.config import LabelConfig
-    from bifta_core.eval_report import render_report
+    from bifta_core.evaluation.report import render_report
     from pipelines.pipeline import preset_record
 
     context = {"model": "m", "pretrained": "random", "label_set": "l", "classes": 4, "images": N_IMAGES,

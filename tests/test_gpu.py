@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 import torch
 
-from bifta_core import models, views
-from bifta_core.seeding import generator_for
+from bifta_core.io import models
+from bifta_core.method import views
+from bifta_core.method.seeding import generator_for
 
 pytestmark = [
     pytest.mark.gpu,
@@ -65,7 +66,7 @@ def test_crop_cutter_never_waits_for_the_gpu():
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
 def test_encoder_on_cuda_matches_cpu(tiny_vit_checkpoint, precision):
-    from pipelines.encode import ViewEncoder
+    from bifta_core.method.encoding import ViewEncoder
 
     cpu = models.load_model("bifta-tiny-vit", str(tiny_vit_checkpoint), device="cpu")
     gpu = models.load_model("bifta-tiny-vit", str(tiny_vit_checkpoint), device="cuda", precision=precision)

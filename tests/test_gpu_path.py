@@ -17,18 +17,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bifta_core import models, pgs, views
+from bifta_core.io import models
+from bifta_core.method import pgs
+from bifta_core.method import views
 from bifta_core.errors import BiftaUserError, ConfigError, ModelLoadError
-from bifta_core.predict import (
+from bifta_core.method.prediction import (
     ScoreParams,
     method_image_vectors,
     method_scores,
     method_text_vectors,
     scores_from_vectors,
 )
-from bifta_core.seeding import generator_for
-from bifta_core.text_banks import TextBank
-from pipelines.encode import ViewEncoder, load_gpu_checked_model
+from bifta_core.method.seeding import generator_for
+from bifta_core.method.text_banks import TextBank
+from bifta_core.method.encoding import ViewEncoder
+from pipelines.encode import load_gpu_checked_model
 
 
 def _reference_crops(image: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
@@ -98,7 +101,7 @@ class _CountingTransfers:
             self.calls += 1
             return original(tensor, device)
 
-        import pipelines.encode as encode
+        import bifta_core.method.encoding as encode
 
         monkeypatch.setattr(views, "to_device", counted)
         monkeypatch.setattr(encode, "to_device", counted)
@@ -150,7 +153,7 @@ def test_float_views_exist_only_one_chunk_at_a_time(tiny_vit_model, monkeypatch)
     original = tiny_vit_model.normalize_pixels
     monkeypatch.setattr(tiny_vit_model, "normalize_pixels", lambda x: seen.append(tuple(x.shape)) or original(x))
     cut_sizes = []
-    import pipelines.encode as encode
+    import bifta_core.method.encoding as encode
 
     original_cut = encode.cut_planned
     monkeypatch.setattr(encode, "cut_planned", lambda s, p, a, b, size: cut_sizes.append(b - a) or original_cut(s, p, a, b, size))
@@ -296,7 +299,7 @@ def test_vit_b32_for_openai_weights_is_vit_b32_quickgelu():
 
 def test_activation_and_precision_enter_identity_and_label_set_key():
     from bifta_core.config import LabelConfig, ModelConfig
-    from pipelines.label_set import label_set_identity
+    from pipelines.label_sets import label_set_identity
 
     quick = models.model_identity("ViT-B-32", "openai")
     gelu = models.model_identity("ViT-B-32", "openai", quick_gelu=False)
@@ -339,10 +342,10 @@ def test_openai_checkpoints_are_detected_and_loaded_with_quick_gelu(tiny_vit_che
 def test_label_set_artifacts_with_another_activation_are_refused(tiny_vit_checkpoint, tmp_path):
     from bifta_core.config import LabelConfig, ModelConfig
     from bifta_core.errors import LabelSetError
-    from bifta_core.labelset_artifact import save_artifact
-    from bifta_core.labelsets import load_label_set
-    from bifta_core.text_banks import build_label_set_embeddings
-    from pipelines.label_set import _artifact, bank_specs, label_set_identity
+    from bifta_core.io.label_set_artifacts import save_artifact
+    from bifta_core.io.label_sets import load_label_set
+    from bifta_core.method.text_banks import build_label_set_embeddings
+    from pipelines.label_sets import _artifact, bank_specs, label_set_identity
     from tests.pipeline_helpers import write_labelset
 
     folder = write_labelset(tmp_path / "ls")

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from bifta_core.images import (
+from bifta_core.io.images import (
     DecodedImage,
     ImageDecodeError,
     boxes_to_working,

@@ -10,7 +10,7 @@ import pytest
 
 from bifta_core.config import LabelConfig, ModelConfig
 from bifta_core.errors import ConfigError, LabelSetError
-from bifta_core.labelset_artifact import load_artifact
+from bifta_core.io.label_set_artifacts import load_artifact
 from jobs import demo, labelset
 from pipelines.pipeline import run_label_job
 
@@ -93,7 +93,7 @@ def test_demo_runs_end_to_end_with_true_labels(tmp_path, capsys):
 
 
 def test_demo_falls_back_to_random_weights_behind_a_banner(tmp_path, capsys, monkeypatch):
-    from bifta_core.models import _hub_reachable
+    from bifta_core.io.models import _hub_reachable
 
     if _hub_reachable():
         pytest.skip("a model hub is reachable here: the demo would download real weights, not fall back")

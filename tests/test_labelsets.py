@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from bifta_core.errors import BiftaUserError, LabelSetError
-from bifta_core.methods import METHOD_NAMES
-from bifta_core.labelsets import (
+from bifta_core.method.registry import METHOD_NAMES
+from bifta_core.io.label_sets import (
     LabelSet,
     default_templates,
     descriptor_sentence,

@@ -17,10 +17,10 @@ import torch
 
 from bifta_core.config import LabelConfig
 from bifta_core.errors import ConfigError, LabelSetError
-from bifta_core.labelsets import LabelSet, load_label_set
-from bifta_core.methods import METHOD_NAMES, METHODS, VIEW_PRESETS, Method
-from bifta_core.presets import PRESETS
-from bifta_core.waffle import load_words, waffle_texts
+from bifta_core.io.label_sets import LabelSet, load_label_set
+from bifta_core.method.registry import METHOD_NAMES, METHODS, VIEW_PRESETS, Method
+from bifta_core.method.presets import PRESETS
+from bifta_core.method.waffle import load_words, waffle_texts
 from pipeline_helpers import REPO_ROOT, cli_env, write_labelset
 
 # ----------------------------------------------------------------------------------- the table
@@ -31,7 +31,7 @@ def _config(**kw) -> LabelConfig:
 
 
 def test_every_reader_of_a_method_reads_the_table() -> None:
-    from bifta_core.evaluation import standard_methods
+    from bifta_core.evaluation.metrics import standard_methods
     from jobs.cli import build_parser
 
     rows = {r.name: r for r in standard_methods()}
@@ -50,9 +50,9 @@ def test_every_reader_of_a_method_reads_the_table() -> None:
 
 def test_a_new_method_is_one_table_entry(monkeypatch, tiny_vit_model, tmp_path) -> None:
     """An entry reusing an existing scorer labels without touching any other module."""
-    from bifta_core import methods
-    from bifta_core.predict import method_scores
-    from bifta_core.text_banks import BankSpec, build_label_set_embeddings
+    from bifta_core.method import registry as methods
+    from bifta_core.method.prediction import method_scores
+    from bifta_core.method.text_banks import BankSpec, build_label_set_embeddings
 
     entry = Method("cupl-x", "sentences", frozenset({"cupl.json"}), "mean", None, False, "sentences again")
     monkeypatch.setitem(methods.METHODS, "cupl-x", entry)
@@ -159,7 +159,7 @@ def test_waffle_word_lists_load_safely(tmp_path) -> None:
 
 
 def test_waffle_bank_is_seeded_and_keyed_by_seed_and_words(tmp_path, tiny_vit_model) -> None:
-    from bifta_core.text_banks import BankSpec, build_label_set_embeddings, content_hash
+    from bifta_core.method.text_banks import BankSpec, build_label_set_embeddings, content_hash
 
     ls = load_label_set(str(write_labelset(tmp_path / "ls")))
     spec = BankSpec("waffle", waffle_seed=3)
@@ -196,7 +196,7 @@ def _released_grid(w: int, h: int, num_grid: int) -> list[tuple[int, int, int, i
 
 @pytest.mark.parametrize("w,h,g", [(500, 375, 3), (224, 224, 3), (640, 480, 4), (37, 91, 2), (300, 300, 1)])
 def test_grid_boxes_are_the_released_tiles_and_all_survive_refinement(w: int, h: int, g: int) -> None:
-    from bifta_core.views import generate_boxes, grid_boxes, refine_boxes
+    from bifta_core.method.views import generate_boxes, grid_boxes, refine_boxes
 
     boxes = grid_boxes(w, h, g)
     assert [tuple(b) for b in boxes.tolist()] == _released_grid(w, h, g)

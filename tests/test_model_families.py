@@ -102,7 +102,7 @@ def test_label_and_evaluate_run_on_family(family, data, tmp_path):
 
 
 def _hub_tokenizer_available(repo: str) -> bool:
-    from bifta_core.models import _hf_cached
+    from bifta_core.io.models import _hf_cached
 
     return importlib.util.find_spec("transformers") is not None and _hf_cached(repo)
 
@@ -139,7 +139,7 @@ def test_hub_tokenizer_family_is_one_error_line(family, job, data, tmp_path, mon
 
 def test_hub_tokenizer_check_names_the_missing_parts(monkeypatch):
     from bifta_core.errors import ModelLoadError
-    from bifta_core.models import check_hub_text_files, load_model
+    from bifta_core.io.models import check_hub_text_files, load_model
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     check_hub_text_files("RN50")  # bundled tokenizer: nothing to check
@@ -196,8 +196,8 @@ def _wca_reference(model, pixels_whole, pixels_views, prompts, descriptions, ima
 
 
 def _bifta_wca(model, pixels_whole, pixels_views, prompts, descriptions):
-    from bifta_core.predict import method_scores
-    from bifta_core.text_banks import TextBank
+    from bifta_core.method.prediction import method_scores
+    from bifta_core.method.text_banks import TextBank
 
     class_emb = model.encode_text(prompts)
     texts = [t for ts in descriptions for t in ts]
@@ -214,7 +214,7 @@ def _bifta_wca(model, pixels_whole, pixels_views, prompts, descriptions):
 def test_logit_scale_and_bias_do_not_change_wca_scores(tmp_path):
     import open_clip
 
-    from bifta_core.models import load_model
+    from bifta_core.io.models import load_model
 
     path = tmp_path / "bifta-test-sigmoid-tiny.json"
     path.write_text(json.dumps(SIGMOID_TINY))

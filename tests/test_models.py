@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from bifta_core.errors import BiftaUserError, ModelLoadError
-from bifta_core.models import (
+from bifta_core.io.models import (
     ClipModel,
     load_model,
     register_bundled_configs,
@@ -283,7 +283,7 @@ def test_model_load_error_is_a_user_error():
 
 def test_openai_without_network_fails_fast_with_clear_message():
     """No hub is reachable here: the tag resolves, the download fails quickly, the message says what to do."""
-    from bifta_core import models
+    from bifta_core.io import models
 
     if models._hub_reachable(timeout=2.0):
         pytest.skip("a model hub is reachable from this machine; this test covers offline machines")

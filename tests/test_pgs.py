@@ -1,4 +1,4 @@
-"""Tests for CLIP-PGS token selection and pruned ViT encoding (bifta_core.pgs)."""
+"""Tests for CLIP-PGS token selection and pruned ViT encoding (bifta_core.method.pgs)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from open_clip.modified_resnet import ModifiedResNet
 
-from bifta_core import pgs
+from bifta_core.method import pgs
 from bifta_core.errors import ConfigError
 
 torch.set_num_threads(1)

@@ -53,13 +53,8 @@ VIEWS, MAX_VIEWS, TOP_K = 8, 4, 3
 
 # ---------------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def ray_local():
-    """One local Ray for every in-process run of this module (shut down at the end)."""
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+def ray_local(local_ray):
+    """The shared local Ray (conftest) for every in-process run of this module."""
     # Ray Data logs executor metrics at DEBUG; keep them out of the report of a failing test
     import ray.data  # noqa: F401  (configures its loggers on import; override after that)
 
@@ -68,8 +63,6 @@ def ray_local():
     data_logger.setLevel(logging.INFO)
     yield
     data_logger.setLevel(level)
-    if started:
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from bifta_core import analytics
+from bifta_core.review import analytics
 from bifta_core.errors import ConfigError, InputError
 from tests.s3_server import S3Server
 
@@ -156,7 +156,7 @@ def test_report_reads_and_writes_s3(clip_run: Path, s3_server: S3Server, capsys)
             s3_server.put(f"s3://preds/run/{f.name}", f.read_bytes())
     rc, out, err = _report(["s3://preds/run", "--compare", str(clip_run), "--min-margin", "0.002"], capsys)
     assert rc == 0, err
-    from bifta_core import storage
+    from bifta_core.io import storage
 
     report = json.loads(storage.read_bytes("s3://preds/run/_report/report.json"))
     assert report["overview"]["images"] == N_PHOTOS + 2

@@ -61,8 +61,8 @@ def test_the_label_set_stage_shows_progress_and_ray_stays_quiet(labelled) -> Non
 
 
 def test_top_views_are_the_highest_weighted_kept_views_in_original_pixels(labelled) -> None:
-    from bifta_core.seeding import generator_for
-    from bifta_core.views import VIEW_PRESETS, generate_boxes, refine_boxes
+    from bifta_core.method.seeding import generator_for
+    from bifta_core.method.views import VIEW_PRESETS, generate_boxes, refine_boxes
 
     preset = VIEW_PRESETS["bifta"]
     for r in labelled["rows"]:
@@ -132,7 +132,7 @@ def test_review_page_renders_in_chromium_with_thumbnails_boxes_and_filters(label
 
 
 def test_thumbnails_made_on_ray_workers_equal_local_ones(labelled, local_ray) -> None:
-    from bifta_core.review import Selection
+    from bifta_core.review.page import Selection
     from jobs.review import build_page
 
     on_ray, counts = build_page(str(labelled["out"]), Selection(), ray_above=0)
@@ -209,7 +209,7 @@ def test_label_studio_export_round_trips_through_its_import_format(labelled) -> 
 
 
 def test_s3_images_are_referenced_as_label_studio_s3_storage_expects() -> None:
-    from bifta_core.label_studio import image_url, task
+    from bifta_core.review.label_studio import image_url, task
 
     assert image_url("s3://bucket/a b/c.jpg") == "s3://bucket/a b/c.jpg"
     assert image_url("/data/x y.jpg", "/data") == "/data/local-files/?d=x%20y.jpg"
@@ -224,7 +224,7 @@ def test_s3_images_are_referenced_as_label_studio_s3_storage_expects() -> None:
 
 
 def test_a_page_of_random_weight_rows_says_so() -> None:
-    from bifta_core.review import render_page
+    from bifta_core.review.page import render_page
 
     item = {"image_id": "a.jpg", "uri": "a.jpg", "status": "ok", "label": "cat", "topk_labels": ["cat"],
             "topk_scores": [0.3], "margin": 0.0, "group": "queue"}

@@ -62,7 +62,7 @@ def _assert_no_secrets(result: subprocess.CompletedProcess, creds: dict[str, str
 
 
 def _read_output(uri: str):
-    from bifta_core import storage
+    from bifta_core.io import storage
     from pipelines.write import part_files
 
     files = part_files(uri)
@@ -77,7 +77,7 @@ def _read_output(uri: str):
 
 
 def _summary(uri: str) -> dict:
-    from bifta_core import storage
+    from bifta_core.io import storage
 
     return json.loads(storage.read_bytes(uri.rstrip("/") + "/_bifta_summary.json"))
 

@@ -1,4 +1,4 @@
-"""Scorers in bifta_core.scoring checked against loop-based float64 reference formulas."""
+"""Scorers in bifta_core.method.scoring checked against loop-based float64 reference formulas."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bifta_core.errors import ConfigError
-from bifta_core.scoring import (
+from bifta_core.method.scoring import (
     class_text_vectors,
     clip_scores,
     description_weights,

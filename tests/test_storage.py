@@ -1,4 +1,4 @@
-"""Tests for bifta_core.storage on local paths and on a real S3-compatible server (moto)."""
+"""Tests for bifta_core.io.storage on local paths and on a real S3-compatible server (moto)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from bifta_core import storage
+from bifta_core.io import storage
 from bifta_core.errors import StorageError
 from tests.s3_server import S3Server, aws_env, free_port, moto_server
 

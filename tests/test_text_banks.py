@@ -11,13 +11,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from bifta_core.descriptions import normalize_text
+from bifta_core.method.refinement import normalize_text
 from bifta_core.errors import LabelSetError
-from bifta_core.labelset_artifact import from_table, load_artifact, save_artifact, to_table
-from bifta_core.labelsets import load_label_set
-from bifta_core.methods import METHOD_NAMES
-from bifta_core.models import load_model
-from bifta_core.text_banks import BankSpec, LabelSetEmbeddings, build_label_set_embeddings, content_hash
+from bifta_core.io.label_set_artifacts import from_table, load_artifact, save_artifact, to_table
+from bifta_core.io.label_sets import load_label_set
+from bifta_core.method.registry import METHOD_NAMES
+from bifta_core.io.models import load_model
+from bifta_core.method.text_banks import BankSpec, LabelSetEmbeddings, build_label_set_embeddings, content_hash
 
 CLASSES = ["cat", "golden_retriever", "bird"]
 CUPL = {

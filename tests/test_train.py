@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from bifta_core.errors import ConfigError
-from bifta_core.training import (MAX_LOGIT_SCALE, TrainConfig, Trainer, cosine_lr_lambda, decode_train_image,
+from bifta_core.method.training import (MAX_LOGIT_SCALE, TrainConfig, Trainer, cosine_lr_lambda, decode_train_image,
                                  param_groups, sample_index)
 from tests.pipeline_helpers import REPO_ROOT, cli_env
 from tests.train_helpers import CLASSES, make_sample, png_bytes, write_dataset
@@ -87,7 +87,7 @@ def _retrieval_top1(model, manifest: Path) -> float:
 
 # ---------------------------------------------------------------------------------------------- pure parts
 def test_schedule_param_groups_and_clamp() -> None:
-    from bifta_core.models import load_model
+    from bifta_core.io.models import load_model
 
     f = cosine_lr_lambda(warmup=10, total=110)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
@@ -115,7 +115,7 @@ def test_schedule_param_groups_and_clamp() -> None:
 
 def test_accumulation_sees_the_whole_batch() -> None:
     """Two micro-batches of 4 with accumulation give the same loss and update as one batch of 8."""
-    from bifta_core.models import load_model
+    from bifta_core.io.models import load_model
 
     pixels = torch.randint(0, 256, (8, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     updated = []
@@ -190,7 +190,7 @@ def test_config_validation_names_the_flag() -> None:
 # ---------------------------------------------------------------------------------------------- train → label
 def test_train_then_label_far_above_chance(ray_local, data, tmp_path: Path) -> None:
     from bifta_core.config import LabelConfig, ModelConfig
-    from bifta_core.models import load_model
+    from bifta_core.io.models import load_model
     from pipelines.pipeline import run_label_job
     from pipelines.train import run_train_job
 

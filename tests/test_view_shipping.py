@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bifta_core.images import decode_image, working_min_side
-from bifta_core.views import VIEW_PRESETS
-from pipelines.encode import ViewEncoder
+from bifta_core.io.images import decode_image, working_min_side
+from bifta_core.method.views import VIEW_PRESETS
+from bifta_core.method.encoding import ViewEncoder
 from pipelines.views import ViewStage
 
 

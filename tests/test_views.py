@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from bifta_core.errors import ConfigError
-from bifta_core.seeding import derive_seed, generator_for
-from bifta_core.views import (
+from bifta_core.method.seeding import derive_seed, generator_for
+from bifta_core.method.views import (
     VIEW_PRESETS,
     box_iou,
     crop_resize_pil,

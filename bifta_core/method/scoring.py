@@ -12,8 +12,8 @@ L2-normalised:
   equals the dot product of ``sum_i w_i f(x_i)`` and ``sum_j v_j g(t_j)``;
   score ``"normalized"``: the cosine of those two weighted sums (the released code).
 
-BiFTA uses the same score after refining views and descriptions (:mod:`bifta_core.views`,
-:mod:`bifta_core.descriptions`). All functions accept unnormalised embeddings, compute in
+BiFTA uses the same score after refining views and descriptions (:mod:`bifta_core.method.views`,
+:mod:`bifta_core.method.refinement`). All functions accept unnormalised embeddings, compute in
 float32 and are vectorised over images and classes.
 """
 

@@ -48,7 +48,7 @@ _HUB_HOSTS = (("huggingface.co", 443), ("openaipublic.azureedge.net", 443))
 
 @lru_cache(maxsize=None)
 def register_bundled_configs() -> tuple[str, ...]:
-    """Register the tiny test architectures shipped in ``bifta_core/model_configs`` with open_clip."""
+    """Register the tiny test architectures shipped in ``bifta_core/io/model_configs`` with open_clip."""
     import open_clip
 
     names = []
@@ -227,7 +227,7 @@ def resolve_pretrained(model_name: str, pretrained: str, cache_dir: str | None =
     if pretrained == RANDOM_WEIGHTS:
         return ResolvedWeights("random", RANDOM_WEIGHTS, f"random:{RANDOM_WEIGHTS_SEED}")
     if "://" in pretrained and not pretrained.startswith("file://"):
-        from bifta_core import storage
+        from bifta_core.io import storage
 
         try:
             local = storage.cached_download(pretrained, cache_dir=cache_dir)
@@ -580,7 +580,7 @@ class ClipModel:
             if keep_idx is None:
                 emb = self.model.encode_image(x)
             else:
-                from bifta_core.pgs import encode_image_with_keep
+                from bifta_core.method.pgs import encode_image_with_keep
 
                 emb = encode_image_with_keep(self.model, x, keep_idx.to(self.device), check_keep=check_keep)
         return F.normalize(emb.float(), dim=-1)

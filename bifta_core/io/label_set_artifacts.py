@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import torch
 
 from bifta_core.errors import LabelSetError
-from bifta_core.text_banks import LabelSetEmbeddings, TextBank
+from bifta_core.method.text_banks import LabelSetEmbeddings, TextBank
 
 ARTIFACT_FORMAT = 1
 _META_KEY = b"bifta"
@@ -119,7 +119,7 @@ def save_artifact(emb: LabelSetEmbeddings, uri: str) -> str:
     """Write the artifact (local: atomically via a temporary file; remote: one PUT)."""
     table = to_table(emb)
     if "://" in uri and not uri.startswith("file://"):
-        from bifta_core import storage
+        from bifta_core.io import storage
 
         fs, path = storage.get_arrow_fs(uri)
         pq.write_table(table, path, filesystem=fs, compression="zstd")
@@ -141,7 +141,7 @@ def load_artifact(uri: str) -> LabelSetEmbeddings:
     """Read an artifact written by :func:`save_artifact`; clear error if it is missing or foreign."""
     try:
         if "://" in uri and not uri.startswith("file://"):
-            from bifta_core import storage
+            from bifta_core.io import storage
 
             fs, path = storage.get_arrow_fs(uri)
             table = pq.read_table(path, filesystem=fs)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bifta_core.errors import ConfigError, LabelSetError
-from bifta_core.llm import ChatClient, ChatRequest, Completion, write_json_atomic
+from bifta_core.io.llm import ChatClient, ChatRequest, Completion, write_json_atomic
 
 log = logging.getLogger("bifta.describe")
 
@@ -590,7 +590,7 @@ def generate_label_set(
         LabelSetError: invalid ``classes`` or merge file.
         ConfigError: ``out_dir`` is not a usable folder.
         LLMError: the endpoint refuses the key/model/URL, or keeps failing (see
-            :class:`~bifta_core.llm.ChatClient`); answers obtained so far stay in its cache.
+            :class:`~bifta_core.io.llm.ChatClient`); answers obtained so far stay in its cache.
     """
     config = config or DescribeConfig()
     entries = class_entries(classes)

@@ -16,7 +16,7 @@ bifta      sentences        cupl.json,          bifta       yes        wca (BiFT
                             llm-pool.json
 =========  ===============  ==================  ==========  =========  ========================
 
-Scorers (:mod:`bifta_core.predict`): ``prompt`` is the cosine to ``"a photo of a {c}."``;
+Scorers (:mod:`bifta_core.method.prediction`): ``prompt`` is the cosine to ``"a photo of a {c}."``;
 ``mean`` the cosine to the re-normalised mean of the class's unit text embeddings; ``wca`` the
 cosine between the weighted views and the weighted descriptions (WCA §3.2). Adding a method is
 one entry here plus, if it needs one, its scorer.
@@ -32,9 +32,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from bifta_core.errors import ConfigError
-from bifta_core.labelsets import DESCRIPTORS_FILE, POOL_FILE, SENTENCES_FILE, TEMPLATES_FILE
+from bifta_core.io.label_sets import DESCRIPTORS_FILE, POOL_FILE, SENTENCES_FILE, TEMPLATES_FILE
 
-#: Where a method's texts come from (``bifta_core.labelsets.LabelSet.texts`` reads each).
+#: Where a method's texts come from (``bifta_core.io.label_sets.LabelSet.texts`` reads each).
 TEXT_SOURCES = ("class prompt", "templates", "descriptors", "sentences", "waffle")
 #: How a method turns image and text embeddings into class scores.
 SCORERS = ("prompt", "mean", "wca")

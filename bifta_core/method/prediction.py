@@ -5,12 +5,13 @@ Shared by the labelling pipeline and by evaluation, so both score exactly alike.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from bifta_core.scoring import (
+from bifta_core.method.scoring import (
     clip_scores,
     mean_scores,
     mean_text_vectors,
@@ -19,8 +20,8 @@ from bifta_core.scoring import (
     wca_scores_from_vectors,
     wca_text_vectors,
 )
-from bifta_core.methods import method as method_entry
-from bifta_core.text_banks import TextBank
+from bifta_core.method.registry import method as method_entry
+from bifta_core.method.text_banks import LabelSetEmbeddings, TextBank
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ def method_scores(
     view_mask: torch.Tensor | None = None,
     params: ScoreParams = ScoreParams(),
 ) -> torch.Tensor:
-    """``[B,C]`` class scores of ``method`` by its scorer in :data:`bifta_core.methods.METHODS`."""
+    """``[B,C]`` class scores of ``method`` by its scorer in :data:`bifta_core.method.registry.METHODS`."""
     scorer = method_entry(method).scorer
     if scorer == "prompt":
         return clip_scores(image_emb, class_emb)
@@ -71,8 +72,8 @@ def method_text_vectors(
 ) -> torch.Tensor:
     """``[C,D]`` text side of ``method``'s score, computed once per label set (not per batch).
 
-    ``prompt`` scorer: the unit class prompts; ``mean``: :func:`~bifta_core.scoring.mean_text_vectors`;
-    ``wca``: :func:`~bifta_core.scoring.wca_text_vectors` (description weights included).
+    ``prompt`` scorer: the unit class prompts; ``mean``: :func:`~bifta_core.method.scoring.mean_text_vectors`;
+    ``wca``: :func:`~bifta_core.method.scoring.wca_text_vectors` (description weights included).
     """
     scorer = method_entry(method).scorer
     if scorer == "prompt":
@@ -95,7 +96,7 @@ def method_image_vectors(
 ) -> torch.Tensor:
     """``[B,D]`` image side of ``method``'s score, the same for every label set (once per batch).
 
-    WCA/BiFTA: ``Σ_i w_i · view_i`` (:func:`~bifta_core.scoring.wca_image_vectors`); others: the
+    WCA/BiFTA: ``Σ_i w_i · view_i`` (:func:`~bifta_core.method.scoring.wca_image_vectors`); others: the
     unit whole-image embedding. These are also the features explanations are ranked against.
     """
     if method_entry(method).scorer == "wca":
@@ -139,19 +140,6 @@ def top_k(scores: torch.Tensor, k: int) -> TopK:
     order = torch.sort(s, dim=1, descending=True, stable=True).indices[:, :k]
     return TopK(indices=order, scores=torch.gather(s, 1, order))
 
-
-def pooled_image_features(
-    image_emb: torch.Tensor,
-    view_emb: torch.Tensor | None,
-    view_mask: torch.Tensor | None,
-    image_scale: float,
-) -> torch.Tensor:
-    """``Σ_i w_i · view_i`` (WCA's weighted visual feature), or the whole-image embedding without views."""
-    if view_emb is None or view_mask is None:
-        return F.normalize(image_emb.float(), dim=-1)
-    w = view_weights(view_emb, view_mask, image_emb, image_scale)
-    views = F.normalize(view_emb.float(), dim=-1) * view_mask.unsqueeze(-1)
-    return torch.einsum("bv,bvd->bd", w, views)
 
 
 def explain(
@@ -203,3 +191,59 @@ def top_views(weights: torch.Tensor, view_mask: torch.Tensor, boxes: list, k: in
         out.append([{"x0": int(box[i][0]), "y0": int(box[i][1]), "x1": int(box[i][2]), "y1": int(box[i][3]),
                      "weight": float(w[b, i])} for i in order])
     return out
+
+
+class Scorer:
+    """Holds each label set's class and description matrices on the scoring device."""
+
+    def __init__(
+        self,
+        label_sets: list[LabelSetEmbeddings],
+        *,
+        method: str,
+        bank_key: str | None,
+        params: ScoreParams,
+        k: int,
+        with_explanations: bool,
+        device: torch.device,
+    ) -> None:
+        self.method = method
+        self.params = params
+        self.k = k
+        self.with_explanations = with_explanations
+        self.label_sets = label_sets
+        # Banks as loaded (CPU) serve explanations.
+        self.cpu_banks: list[TextBank | None] = [ls.banks.get(bank_key) if bank_key else None for ls in label_sets]
+        # The text side of every score depends only on the label set: computed here once, on the
+        # scoring device (description weights, class sums), never per batch.
+        self.text_vecs: list[torch.Tensor] = []
+        for ls, bank in zip(label_sets, self.cpu_banks):
+            dev_bank = None if bank is None else dataclasses.replace(
+                bank, desc_class=bank.desc_class.to(device), desc_emb=bank.desc_emb.to(device))
+            self.text_vecs.append(method_text_vectors(method, ls.class_emb.to(device), dev_bank, params))
+
+    def predict(
+        self, image_emb: torch.Tensor, view_emb: torch.Tensor | None, view_mask: torch.Tensor | None
+    ) -> list[dict[str, list]]:
+        """Per label set, column lists ``label_index, label, score, topk_*, margin, explanation``."""
+        results = []
+        # The image side (view weights and pooled views) is shared by every label set.
+        image_vec = method_image_vectors(self.method, image_emb, view_emb, view_mask, self.params)
+        feats = image_vec.cpu() if self.with_explanations else None
+        for ls, text_vec, cpu_bank in zip(self.label_sets, self.text_vecs, self.cpu_banks):
+            scores = scores_from_vectors(self.method, image_vec, text_vec, self.params)
+            top = top_k(scores, self.k)
+            cols: dict[str, list] = {
+                "label_index": top.indices[:, 0].tolist(),
+                "label": [ls.classes[i] for i in top.indices[:, 0].tolist()],
+                "score": top.scores[:, 0].tolist(),
+                "topk_labels": [[ls.classes[i] for i in row] for row in top.indices.tolist()],
+                "topk_scores": top.scores.tolist(),
+                "margin": top.margin.tolist(),
+            }
+            if feats is not None:
+                cols["explanation"] = explain(top.indices[:, 0], feats, cpu_bank)
+            else:
+                cols["explanation"] = [[] for _ in range(scores.shape[0])]
+            results.append(cols)
+        return results

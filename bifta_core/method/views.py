@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from bifta_core.errors import ConfigError
-from bifta_core.methods import VIEW_PRESETS, ViewPreset  # noqa: F401 - re-exported: views are made from presets
+from bifta_core.method.registry import VIEW_PRESETS, ViewPreset  # noqa: F401 - re-exported: views are made from presets
 
 
 def _check_scale(scale: tuple[float, float]) -> tuple[float, float]:
@@ -48,7 +48,7 @@ def sample_boxes(
     box inside the image (``x0 in [0, W - side]``, ``y0 in [0, H - side]``).
 
     Random numbers are drawn from ``generator`` (CPU) in a fixed order: ``n`` scales, then ``n``
-    x-offsets, then ``n`` y-offsets, so a generator from :func:`bifta_core.seeding.generator_for`
+    x-offsets, then ``n`` y-offsets, so a generator from :func:`bifta_core.method.seeding.generator_for`
     gives the same boxes everywhere.
 
     Returns:

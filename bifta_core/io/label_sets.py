@@ -101,8 +101,8 @@ class LabelSet:
 
     def texts_for(self, method: str, *, seed: int = 0, words: Sequence[str] | None = None) -> list[list[str]]:
         """Per class, the texts ``method`` encodes (before any refinement), by its entry in
-        :data:`bifta_core.methods.METHODS`. WaffleCLIP's texts are drawn from ``seed`` and ``words``
-        (default: the bundled list) by :func:`bifta_core.waffle.waffle_texts`.
+        :data:`bifta_core.method.registry.METHODS`. WaffleCLIP's texts are drawn from ``seed`` and ``words``
+        (default: the bundled list) by :func:`bifta_core.method.waffle.waffle_texts`.
 
         Raises :class:`LabelSetError` naming the missing file when the method's role is absent.
         """
@@ -114,7 +114,7 @@ class LabelSet:
         if source == "descriptors":
             return [[descriptor_sentence(c, d) for d in self.descriptors[c]] for c in self.classes]
         if source == "waffle":
-            from bifta_core.waffle import load_words, waffle_texts
+            from bifta_core.method.waffle import load_words, waffle_texts
 
             return waffle_texts(self.classes, [self.descriptors[c] for c in self.classes],
                                 load_words() if words is None else words, seed=seed)
@@ -123,7 +123,7 @@ class LabelSet:
     def require(self, method: str) -> str:
         """The text source of ``method``; :class:`LabelSetError` for an unknown method or a missing
         label-set file it needs (checked before any text is built or encoded)."""
-        from bifta_core.methods import METHOD_NAMES, METHODS  # the table imports this module's file names
+        from bifta_core.method.registry import METHOD_NAMES, METHODS  # the table imports this module's file names
 
         if method not in METHODS:
             raise LabelSetError(f"unknown method '{method}'; choose from {', '.join(METHOD_NAMES)}")
@@ -173,7 +173,7 @@ def _join(base: str, name: str) -> str:
 
 def _exists(path: str) -> bool:
     if _is_remote(path):
-        from bifta_core import storage
+        from bifta_core.io import storage
 
         return storage.exists(path)
     return os.path.exists(path)
@@ -181,7 +181,7 @@ def _exists(path: str) -> bool:
 
 def _isdir(path: str) -> bool:
     if _is_remote(path):
-        from bifta_core import storage
+        from bifta_core.io import storage
 
         return storage.isdir(path)
     return os.path.isdir(path)
@@ -190,7 +190,7 @@ def _isdir(path: str) -> bool:
 def _read_text(path: str) -> str:
     try:
         if _is_remote(path):
-            from bifta_core import storage
+            from bifta_core.io import storage
 
             data = storage.read_bytes(path)
         else:
@@ -335,7 +335,7 @@ def load_label_set(
     """Load and validate a label set from a folder, a class-list file, or ``"a,b,c"``.
 
     Every file present is validated strictly unless ``needed`` names the files the caller will use
-    (see ``files`` in :data:`bifta_core.methods.METHODS`): then a broken file outside that set is dropped with a warning, so
+    (see ``files`` in :data:`bifta_core.method.registry.METHODS`): then a broken file outside that set is dropped with a warning, so
     e.g. an incomplete ``clip-d.json`` never blocks ``--method bifta``.
 
     Duplicate class names (after :func:`key_of`) are an error naming them unless

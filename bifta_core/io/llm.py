@@ -135,9 +135,10 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 
 
 def default_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/bifta/llm``, or ``~/.cache/bifta/llm`` when that variable is unset."""
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "bifta" / "llm"
+    """The ``llm`` folder of :mod:`bifta_core.io.cache`."""
+    from bifta_core.io.cache import cache_dir
+
+    return Path(cache_dir("llm"))
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:

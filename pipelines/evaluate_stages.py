@@ -5,9 +5,9 @@ its rows written per shard by the same writers) reuses the labelling stages — 
 (the labelling ``ViewStage`` once without views and once per view preset, with ``all_views=True``:
 every sampled box plus a mask of those refinement keeps) — and ends in :class:`EmbedStage`, an
 actor that encodes each image's whole view and every preset's views with
-:class:`pipelines.encode.ViewEncoder` and returns the embeddings (no scoring), which the writers
+:class:`bifta_core.method.encoding.ViewEncoder` and returns the embeddings (no scoring), which the writers
 publish as ``OUT/embeddings/part-<shard>.parquet``. The driver then reads them back and scores every
-method from them (``bifta_core.evaluation``): WCA rows on WCA's views, BiFTA rows on
+method from them (``bifta_core.evaluation.metrics``): WCA rows on WCA's views, BiFTA rows on
 BiFTA's, each exactly as ``bifta label --method wca|bifta`` samples and encodes them.
 """
 
@@ -24,15 +24,15 @@ import torch
 
 from bifta_core.config import LabelConfig
 from bifta_core.errors import LabelSetError
-from bifta_core.eval_embeddings import FLAT_SCHEMA
-from bifta_core.evaluation import VIEW_PRESET_NAMES
-from bifta_core.labelset_artifact import load_artifact, save_artifact
-from bifta_core.labelsets import LabelSet, load_label_set
-from bifta_core.models import model_identity, model_input_size, model_preprocess
-from bifta_core.text_banks import BankSpec, LabelSetEmbeddings, content_hash
-from bifta_core.views import ViewPreset
+from bifta_core.evaluation.embeddings import FLAT_SCHEMA
+from bifta_core.evaluation.metrics import VIEW_PRESET_NAMES
+from bifta_core.io.label_set_artifacts import load_artifact, save_artifact
+from bifta_core.io.label_sets import LabelSet, load_label_set
+from bifta_core.io.models import model_identity, model_input_size, model_preprocess
+from bifta_core.method.text_banks import BankSpec, LabelSetEmbeddings, content_hash
+from bifta_core.method.views import ViewPreset
 from pipelines.columns import COLUMN_TYPES
-from pipelines.encode import ViewEncoder
+from bifta_core.method.encoding import ViewEncoder
 from pipelines.views import ViewStage
 
 logger = logging.getLogger("bifta.evaluate")
@@ -45,7 +45,7 @@ logger = logging.getLogger("bifta.evaluate")
 
 
 def _cache_file(config: LabelConfig, digest: str) -> str | None:
-    from pipelines.label_set import default_cache_dir
+    from pipelines.label_sets import default_cache_dir
 
     if config.labelset_cache == "":
         return None
@@ -67,10 +67,10 @@ def prepare_eval_label_set(
 ) -> tuple[LabelSetEmbeddings, bool]:
     """Text embeddings of ``label_set`` for ``specs`` → (embeddings, cache hit).
 
-    Uses the labelling pipeline's content-hash cache and key (:func:`pipelines.label_set.label_set_identity`);
+    Uses the labelling pipeline's content-hash cache and key (:func:`pipelines.label_sets.label_set_identity`);
     a miss is encoded in the labelling pipeline's Ray task, with the same resources and runtime environment.
     """
-    from pipelines.label_set import _encode_label_sets, label_set_identity, text_encode_options
+    from pipelines.label_sets import _encode_label_sets, label_set_identity, text_encode_options
 
     digest = content_hash(label_set, label_set_identity(config), specs, config.text_scale)
     cache = _cache_file(config, digest)
@@ -151,7 +151,7 @@ class EvalViewStage:
 class EmbedStage:
     """Callable class for ``Dataset.map_batches`` (actor pool): decoded rows → embeddings.
 
-    Output rows follow :data:`bifta_core.eval_embeddings.FLAT_SCHEMA`: ``image_emb`` and, per view
+    Output rows follow :data:`bifta_core.evaluation.embeddings.FLAT_SCHEMA`: ``image_emb`` and, per view
     preset, the preset's whole-image embedding, the concatenated ``view_emb`` of every sampled view
     (in sampling order), ``n_views`` and the per-view ``view_kept`` flags; error rows keep their
     reason and null embeddings.
@@ -300,7 +300,7 @@ def model_embed_dim(model_name: str) -> int | None:
     """The joint embedding width of an architecture from its open_clip config (no weights built)."""
     import open_clip
 
-    from bifta_core.models import register_bundled_configs
+    from bifta_core.io.models import register_bundled_configs
 
     register_bundled_configs()
     return (open_clip.get_model_config(model_name.replace("/", "-")) or {}).get("embed_dim")
@@ -308,7 +308,7 @@ def model_embed_dim(model_name: str) -> int | None:
 
 def embeddings_meta(config: LabelConfig, presets: dict[str, ViewPreset], embed_dim: int | None = None) -> dict[str, Any]:
     """What an evaluation's image embeddings depend on (stored with ``--save-embeddings``)."""
-    from bifta_core.eval_embeddings import EMBEDDINGS_FORMAT
+    from bifta_core.evaluation.embeddings import EMBEDDINGS_FORMAT
 
     m = config.model
     return {

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bifta_core.errors import ConfigError
+from bifta_core.validation import integer, number
 
 __all__ = [
     "PgsConfig",
@@ -129,23 +130,15 @@ def _check_ratio(name: str, value: object) -> None:
 
 
 def _check_positive(name: str, value: object) -> None:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise ConfigError(f"{name} must be a positive finite number, got {value!r}")
+    number(name, value, positive=True)
 
 
 def _check_iters(value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"sinkhorn_iters must be an int >= 1, got {value!r}")
+    integer("sinkhorn_iters", value)
 
 
 def _check_patch_size(patch_size: object) -> int:
-    if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
-        raise ConfigError(f"patch_size must be an int >= 1, got {patch_size!r}")
+    integer("patch_size", patch_size)
     return patch_size
 
 
@@ -201,8 +194,7 @@ def num_kept(num_patches: int, keep_ratio: float) -> int:
     :func:`random_patches` so PGS and the random baseline keep exactly as many tokens (CLIP-PGS,
     Sec. 4, comparisons at equal masking ratio).
     """
-    if isinstance(num_patches, bool) or not isinstance(num_patches, int) or num_patches < 1:
-        raise ConfigError(f"num_patches must be an int >= 1, got {num_patches!r}")
+    integer("num_patches", num_patches)
     _check_ratio("keep_ratio", keep_ratio)
     dropped = min(round(num_patches * (1.0 - keep_ratio)), num_patches - 1)
     return num_patches - dropped
@@ -444,8 +436,7 @@ def random_patches(n: int, num_patches: int, keep_ratio: float,
     :func:`select_patches` -- chosen uniformly without replacement, sorted ascending, on the
     generator's device (CPU when ``generator`` is ``None``).
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise ConfigError(f"n must be an int >= 0, got {n!r}")
+    integer("n", n, minimum=0)
     keep = num_kept(num_patches, keep_ratio)
     device = generator.device if generator is not None else torch.device("cpu")
     noise = torch.rand((n, num_patches), generator=generator, device=device)

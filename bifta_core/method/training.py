@@ -6,7 +6,7 @@ Pure torch (no Ray): ``pipelines/train.py`` runs :class:`Trainer` inside Ray Tra
 * CLIP-PGS (Pei et al., "Seeing What Matters: Empowering CLIP with Patch Generation-to-Selection",
   CVPR 2025): during contrastive pre-training/fine-tuning, a fraction ``pgs_mask`` of the ViT's
   patch tokens is removed before the transformer (Sec. 3); which ones is chosen by the paper's
-  generation-to-selection (Sec. 3.2-3.3), i.e. :func:`bifta_core.pgs.select_patches` -- the very
+  generation-to-selection (Sec. 3.2-3.3), i.e. :func:`bifta_core.method.pgs.select_patches` -- the very
   code ``bifta label --pgs-keep`` uses at inference. ``pgs_mask=0`` is plain CLIP.
 * The loss is CLIP's symmetric InfoNCE over the global batch (Radford et al. 2021, Fig. 3), with a
   learnable temperature ``logit_scale`` clamped to ``ln 100`` after every step.
@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from bifta_core.errors import ConfigError
-from bifta_core.seeding import derive_seed
+from bifta_core.validation import integer
+from bifta_core.method.seeding import derive_seed
 
 __all__ = [
     "TrainConfig",
@@ -119,7 +120,7 @@ class TrainConfig:
 
     @property
     def load_pretrained(self) -> str:
-        """The ``--pretrained`` value for :func:`bifta_core.models.load_model`."""
+        """The ``--pretrained`` value for :func:`bifta_core.io.models.load_model`."""
         return "random" if self.from_scratch else self.pretrained
 
     def warmup_steps(self, total_steps: int) -> int:
@@ -149,7 +150,7 @@ class TrainConfig:
     def from_file(cls, path: str) -> "TrainConfig":
         import json
 
-        from bifta_core import storage
+        from bifta_core.io import storage
 
         try:
             text = storage.read_bytes(path).decode("utf-8")
@@ -219,8 +220,7 @@ def _flag(name: str) -> str:
 
 
 def _int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{_flag(name)} must be an integer >= {minimum}, got {value!r}")
+    integer(_flag(name), value, minimum=minimum)
 
 
 def _number(name: str, value: Any, positive: bool) -> None:
@@ -328,7 +328,7 @@ class PgsClip(nn.Module):
     """An open_clip CLIP whose ``forward`` encodes images with CLIP-PGS token masking.
 
     Wrapping the whole forward in one module lets DDP see it (calling
-    :func:`bifta_core.pgs.encode_image_with_keep` on ``ddp.module`` would bypass the gradient
+    :func:`bifta_core.method.pgs.encode_image_with_keep` on ``ddp.module`` would bypass the gradient
     all-reduce hooks). ``keep_idx=None`` is the plain CLIP image forward.
     """
 
@@ -338,7 +338,7 @@ class PgsClip(nn.Module):
 
     def forward(self, pixels: torch.Tensor, tokens: torch.Tensor, keep_idx: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        from bifta_core.pgs import encode_image_with_keep
+        from bifta_core.method.pgs import encode_image_with_keep
 
         if keep_idx is None:
             img = self.clip.encode_image(pixels)
@@ -451,7 +451,7 @@ class Trainer:
     def __init__(self, model: nn.Module, cfg: TrainConfig, total_steps: int, *, mean: Sequence[float],
                  std: Sequence[float], device: torch.device | str = "cpu", rank: int = 0, world: int = 1,
                  wrap: Callable[[nn.Module], nn.Module] | None = None) -> None:
-        from bifta_core import pgs
+        from bifta_core.method import pgs
 
         self.cfg, self.total_steps, self.rank, self.world = cfg, total_steps, rank, world
         self.device = torch.device(device)
@@ -512,7 +512,7 @@ class Trainer:
         """
         if self.pgs_config is None:
             return None
-        from bifta_core import pgs
+        from bifta_core.method import pgs
 
         gen = torch.Generator().manual_seed(
             derive_seed(self.cfg.seed, f"pgs:{self.step}:{self.rank}:{micro}"))

@@ -17,11 +17,11 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-from bifta_core.descriptions import refine_descriptions
-from bifta_core.labelsets import LabelSet
-from bifta_core.methods import METHODS
-from bifta_core.models import ClipModel, config_fingerprint
-from bifta_core.scoring import description_weights
+from bifta_core.method.refinement import refine_descriptions
+from bifta_core.io.label_sets import LabelSet
+from bifta_core.method.registry import METHODS
+from bifta_core.io.models import ClipModel, config_fingerprint
+from bifta_core.method.scoring import description_weights
 
 logger = logging.getLogger("bifta.text_banks")
 
@@ -57,7 +57,7 @@ class BankSpec:
         they apply (so other banks hash as before), with the word list by content."""
         fields = {k: v for k, v in vars(self).items() if not k.startswith("waffle_")}
         if METHODS[self.method].texts == "waffle":
-            from bifta_core.waffle import words_digest
+            from bifta_core.method.waffle import words_digest
 
             fields["waffle"] = {"seed": self.waffle_seed or 0, "words": words_digest(self.waffle_words)}
         return fields
@@ -137,7 +137,7 @@ def build_label_set_embeddings(
         else:
             words = None
             if spec.waffle_words is not None:
-                from bifta_core.waffle import load_words
+                from bifta_core.method.waffle import load_words
 
                 words = load_words(spec.waffle_words)
             per_bank_texts[spec.key] = label_set.texts_for(spec.method, seed=spec.waffle_seed or 0, words=words)

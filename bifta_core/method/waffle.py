@@ -13,7 +13,7 @@ Random numbers come from NumPy's legacy ``RandomState(seed)`` in the releases' o
 draws, then the shared class), so with their word list (``--waffle-words word_list.pkl``) the texts
 are theirs for the same seed. A draw "without replacement" of one item is a full permutation in that
 generator, which is what the releases consume, so it is kept. The bundled word list is the
-lower-case words of SCOWL's American English list (``bifta_core/data/words.txt.gz``): WaffleCLIP's
+lower-case words of SCOWL's American English list (``bifta_core/method/data/words.txt.gz``): WaffleCLIP's
 own list is not part of either release.
 """
 
@@ -31,7 +31,7 @@ from typing import Sequence
 import numpy as np
 
 from bifta_core.errors import LabelSetError
-from bifta_core.labelsets import descriptor_clause
+from bifta_core.io.label_sets import descriptor_clause
 
 #: Random (words, characters) prompt pairs per class in the WCA and BiFTA releases.
 WAFFLE_PAIRS = 15
@@ -70,7 +70,7 @@ def load_words(path: str | None = None) -> list[str]:
 def _load_words(path: str) -> tuple[str, ...]:
     try:
         if "://" in path and not path.startswith("file://"):  # workers read the list where the driver did
-            from bifta_core import storage
+            from bifta_core.io import storage
 
             data = storage.read_bytes(path)
         else:

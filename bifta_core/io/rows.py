@@ -1,20 +1,18 @@
-"""Stage 5 — score encoded images against every label set and build output rows.
+"""Output rows: one per (input, label set), from the scorers' columns (pure Python/Arrow types).
 
-Runs inside the encode actor (the label-set matrices are handed to each actor once, through the
-object store), so embeddings never leave the device they were computed on.
+:func:`build_rows` turns predictions into the output table's columns (error rows carry their
+reason), :func:`merge_cascade` takes each label set's rows from the cascade's first stage or from
+the full method; the schema is :func:`pipelines.write.output_schema`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
-from bifta_core.predict import ScoreParams, explain, method_image_vectors, method_text_vectors, scores_from_vectors, top_k
-from bifta_core.text_banks import LabelSetEmbeddings, TextBank
+from bifta_core.method.text_banks import LabelSetEmbeddings
 
 
 @dataclass(frozen=True)
@@ -26,62 +24,6 @@ class RowContext:
     pretrained: str
     run_id: str
     random_weights: bool
-
-
-class Scorer:
-    """Holds each label set's class and description matrices on the scoring device."""
-
-    def __init__(
-        self,
-        label_sets: list[LabelSetEmbeddings],
-        *,
-        method: str,
-        bank_key: str | None,
-        params: ScoreParams,
-        k: int,
-        with_explanations: bool,
-        device: torch.device,
-    ) -> None:
-        self.method = method
-        self.params = params
-        self.k = k
-        self.with_explanations = with_explanations
-        self.label_sets = label_sets
-        # Banks as loaded (CPU) serve explanations.
-        self.cpu_banks: list[TextBank | None] = [ls.banks.get(bank_key) if bank_key else None for ls in label_sets]
-        # The text side of every score depends only on the label set: computed here once, on the
-        # scoring device (description weights, class sums), never per batch.
-        self.text_vecs: list[torch.Tensor] = []
-        for ls, bank in zip(label_sets, self.cpu_banks):
-            dev_bank = None if bank is None else dataclasses.replace(
-                bank, desc_class=bank.desc_class.to(device), desc_emb=bank.desc_emb.to(device))
-            self.text_vecs.append(method_text_vectors(method, ls.class_emb.to(device), dev_bank, params))
-
-    def predict(
-        self, image_emb: torch.Tensor, view_emb: torch.Tensor | None, view_mask: torch.Tensor | None
-    ) -> list[dict[str, list]]:
-        """Per label set, column lists ``label_index, label, score, topk_*, margin, explanation``."""
-        results = []
-        # The image side (view weights and pooled views) is shared by every label set.
-        image_vec = method_image_vectors(self.method, image_emb, view_emb, view_mask, self.params)
-        feats = image_vec.cpu() if self.with_explanations else None
-        for ls, text_vec, cpu_bank in zip(self.label_sets, self.text_vecs, self.cpu_banks):
-            scores = scores_from_vectors(self.method, image_vec, text_vec, self.params)
-            top = top_k(scores, self.k)
-            cols: dict[str, list] = {
-                "label_index": top.indices[:, 0].tolist(),
-                "label": [ls.classes[i] for i in top.indices[:, 0].tolist()],
-                "score": top.scores[:, 0].tolist(),
-                "topk_labels": [[ls.classes[i] for i in row] for row in top.indices.tolist()],
-                "topk_scores": top.scores.tolist(),
-                "margin": top.margin.tolist(),
-            }
-            if feats is not None:
-                cols["explanation"] = explain(top.indices[:, 0], feats, cpu_bank)
-            else:
-                cols["explanation"] = [[] for _ in range(scores.shape[0])]
-            results.append(cols)
-        return results
 
 
 def merge_cascade(

@@ -14,7 +14,7 @@ from typing import Any
 
 import polars as pl
 
-from bifta_core.evaluation import reliability_table, worst_classes
+from bifta_core.evaluation.metrics import reliability_table, worst_classes
 
 #: Rows drawn in the reliability plot when present (the full set would be unreadable).
 RELIABILITY_METHODS = ("clip", "clip-e", "cupl", "wca", "bifta")
@@ -202,7 +202,7 @@ def render_report(
     ``context`` supplies the header lines: ``model``, ``pretrained``, ``label_set``, ``classes``,
     ``images``, ``errors``, ``views``, ``skipped`` (``{method: reason}``), ``protocol`` (or None),
     ``random_weights`` and ``source`` (encoded now, or the embeddings file re-scored). ``cascade``:
-    the curve of :func:`bifta_core.cascade.cascade_curve`, plotted in ``cascade.png`` when given.
+    the curve of :func:`bifta_core.method.cascade.cascade_curve`, plotted in ``cascade.png`` when given.
     """
     methods = metrics["method"].to_list()
     ref = reference_method(metrics)
@@ -246,7 +246,7 @@ def render_report(
         lines.append(f"| {r['class']} | {r['n']} | {100 * r['top1']:.1f} | {100 * r['top5']:.1f} |")
     lines += ["", "![worst classes](worst_classes.png)", ""]
     if cascade is not None:
-        from bifta_core.cascade import recommended_thresholds
+        from bifta_core.method.cascade import recommended_thresholds
 
         recommended = recommended_thresholds(cascade)
         files["cascade.png"] = plot_cascade(cascade, recommended)

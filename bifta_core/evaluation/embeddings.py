@@ -14,7 +14,7 @@ column                 type                                         meaning
 =====================  ===========================================  =====================================
 
 ``P`` is each view preset the evaluation encoded (``wca``, ``bifta``; see
-:data:`bifta_core.evaluation.VIEW_PRESET_NAMES`); a file made without views has only the first
+:data:`bifta_core.evaluation.metrics.VIEW_PRESET_NAMES`); a file made without views has only the first
 three columns. The schema metadata key ``bifta`` holds JSON with the model, weights, seed and the
 resolved settings of each preset (``views``: ``{preset: settings}``), so ``bifta evaluate
 --from-embeddings`` can refuse a mismatching model and re-score with other scoring parameters or
@@ -36,7 +36,7 @@ import pyarrow as pa
 import torch
 
 from bifta_core.errors import InputError
-from bifta_core.evaluation import VIEW_PRESET_NAMES, ImageBatch, ViewSet
+from bifta_core.evaluation.metrics import VIEW_PRESET_NAMES, ImageBatch, ViewSet
 
 EMBEDDINGS_FORMAT = 2
 META_KEY = b"bifta"

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from bifta_core.errors import ConfigError
-from bifta_core.methods import METHODS
+from bifta_core.method.registry import METHODS
 
 if TYPE_CHECKING:  # polars is imported where a curve is computed: the config (driver) needs only the rule
     import polars as pl

@@ -153,14 +153,14 @@ def lists_as_text(lf: pl.LazyFrame, separator: str = "|") -> pl.LazyFrame:
 
 
 def _key(expr: pl.Expr) -> pl.Expr:
-    """Polars twin of :func:`bifta_core.labelsets.key_of` (lower case, ``_`` → space, collapsed spaces)."""
+    """Polars twin of :func:`bifta_core.io.label_sets.key_of` (lower case, ``_`` → space, collapsed spaces)."""
     return expr.str.replace_all("_", " ").str.to_lowercase().str.replace_all(r"\s+", " ").str.strip_chars()
 
 
 def truth_accuracy(lf: pl.LazyFrame) -> pl.DataFrame | None:
     """Top-1 and top-k accuracy per label set when the run had a ``true_label`` column, else None.
 
-    Labels compare after :func:`bifta_core.labelsets.key_of`-style normalisation.
+    Labels compare after :func:`bifta_core.io.label_sets.key_of`-style normalisation.
     """
     names = lf.collect_schema().names()
     if "true_label" not in names:

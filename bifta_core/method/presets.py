@@ -4,7 +4,7 @@ Read from the released code: WCA's ``cfgs/*.yaml`` and ``main.py`` (``JinhaoLee/
 the BiFTA release builds on) and BiFTA's ``configs/*.yaml``, ``main.py`` and ``helper.py``
 (``tmlr-group/BiFTA``). A preset sets the view settings of its method's views (and the method);
 flags still override it. Each preset's notes say where the released code does not do what its
-config declares. Auto-labelling defaults (:data:`bifta_core.methods.VIEW_PRESETS`) are not changed.
+config declares. Auto-labelling defaults (:data:`bifta_core.method.registry.VIEW_PRESETS`) are not changed.
 
 Both releases score with ``e^4`` crop weights and ``e^2`` description weights (bifta's defaults), and
 report the mean over 20 runs of 60 views drawn with replacement per image (``bifta evaluate
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bifta_core.methods import ViewPreset
+from bifta_core.method.registry import ViewPreset
 
 
 @dataclass(frozen=True)

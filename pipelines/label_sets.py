@@ -17,11 +17,11 @@ import ray
 
 from bifta_core.config import LabelConfig
 from bifta_core.errors import LabelSetError
-from bifta_core.labelset_artifact import load_artifact, save_artifact
-from bifta_core.labelsets import LabelSet, load_label_set
-from bifta_core.methods import METHODS
-from bifta_core.models import model_identity, text_precision
-from bifta_core.text_banks import BankSpec, LabelSetEmbeddings, build_label_set_embeddings, content_hash
+from bifta_core.io.label_set_artifacts import load_artifact, save_artifact
+from bifta_core.io.label_sets import LabelSet, load_label_set
+from bifta_core.method.registry import METHODS
+from bifta_core.io.models import model_identity, text_precision
+from bifta_core.method.text_banks import BankSpec, LabelSetEmbeddings, build_label_set_embeddings, content_hash
 
 logger = logging.getLogger("bifta.label_set")
 
@@ -55,7 +55,10 @@ def run_methods(config: LabelConfig) -> list[str]:
 
 
 def default_cache_dir() -> str:
-    return os.path.join(os.path.expanduser("~"), ".cache", "bifta", "labelsets")
+    """The ``labelsets`` folder of :mod:`bifta_core.io.cache`."""
+    from bifta_core.io.cache import cache_dir
+
+    return cache_dir("labelsets")
 
 
 def _cache_path(config: LabelConfig, digest: str) -> str | None:

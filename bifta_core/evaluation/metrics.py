@@ -33,12 +33,12 @@ row (``method``)                   scorer        descriptions           views   
 whole-image embedding, same text bank). The four ``bifta*`` rows are the 2×2 ablation
 {descriptions unrefined, refined} × {all sampled views, views kept by IoU refinement} on BiFTA's
 views; ``wca+refined-desc`` adds description refinement to WCA. The ``*-grid`` rows score BiFTA's
-grid views (3 × 3 tiles, :data:`bifta_core.methods.VIEW_PRESETS`) the way BiFTA's release scores
+grid views (3 × 3 tiles, :data:`bifta_core.method.registry.VIEW_PRESETS`) the way BiFTA's release scores
 them with ``--crop_strategy grid`` (its "wca" and "bifta" methods). Accuracy is top-k over the whole
 label set; ties between equal scores are broken towards the lower class index, exactly as
-:func:`bifta_core.predict.top_k` does.
+:func:`bifta_core.method.prediction.top_k` does.
 
-The optional repeated-run protocol of the WCA release (:func:`bifta_core.scoring.sample_view_subsets`)
+The optional repeated-run protocol of the WCA release (:func:`bifta_core.method.scoring.sample_view_subsets`)
 scores ``protocol_views`` views drawn with replacement per image and run, and reports the mean and
 population standard deviation over ``protocol_runs`` runs. Draws are seeded per image from
 ``(seed, image id)``, so the result does not depend on batching or image order.
@@ -55,16 +55,17 @@ import polars as pl
 import torch
 
 from bifta_core.errors import ConfigError, InputError, LabelSetError
-from bifta_core.labelsets import LabelSet, key_of
-from bifta_core.methods import METHODS
-from bifta_core.predict import ScoreParams, method_scores
-from bifta_core.scoring import sample_view_subsets, wca_scores
-from bifta_core.seeding import generator_for
-from bifta_core.text_banks import BankSpec, LabelSetEmbeddings
+from bifta_core.validation import integer
+from bifta_core.io.label_sets import LabelSet, key_of
+from bifta_core.method.registry import METHODS
+from bifta_core.method.prediction import ScoreParams, method_scores
+from bifta_core.method.scoring import sample_view_subsets, wca_scores
+from bifta_core.method.seeding import generator_for
+from bifta_core.method.text_banks import BankSpec, LabelSetEmbeddings
 
 #: View modes: no views (whole image only), every sampled view, views kept by the preset's refinement.
 VIEW_MODES = ("none", "all", "kept")
-#: View presets an evaluation samples views with (:data:`bifta_core.methods.VIEW_PRESETS`).
+#: View presets an evaluation samples views with (:data:`bifta_core.method.registry.VIEW_PRESETS`).
 VIEW_PRESET_NAMES = ("wca", "bifta", "bifta-grid")
 #: CLIP's learned logit scale (≈100): confidences are ``softmax(LOGIT_SCALE · score)``.
 DEFAULT_LOGIT_SCALE = 100.0
@@ -77,7 +78,7 @@ class EvalMethod:
     """One row of the evaluation: a scorer with its text bank, views and aggregation."""
 
     name: str
-    method: str  # scorer passed to bifta_core.predict.method_scores
+    method: str  # scorer passed to bifta_core.method.prediction.method_scores
     bank: str | None  # key in LabelSetEmbeddings.banks (None for CLIP)
     views: str  # one of VIEW_MODES
     aggregation: str | None  # WCA aggregation for view methods, else None
@@ -99,7 +100,7 @@ class EvalMethod:
 
 def standard_methods() -> tuple[EvalMethod, ...]:
     """Every row an evaluation scores, in report order (see the module docstring): each method of
-    :data:`bifta_core.methods.METHODS` as ``bifta label`` runs it, then the ablations."""
+    :data:`bifta_core.method.registry.METHODS` as ``bifta label`` runs it, then the ablations."""
     rows = [EvalMethod(m.name, m.name, m.name if m.has_bank else None, "none", None, m.summary)
             for m in METHODS.values() if not m.uses_views]
     for agg in ("normalized", "sum"):
@@ -308,9 +309,8 @@ class Protocol:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for flag, value in (("--protocol-runs", self.runs), ("--protocol-views", self.views)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{flag} must be a positive integer, got {value!r}")
+        integer("--protocol-runs", self.runs)
+        integer("--protocol-views", self.views)
 
 
 def scores_for(m: EvalMethod, emb: LabelSetEmbeddings, batch: ImageBatch, params: ScoreParams) -> torch.Tensor:
@@ -365,7 +365,7 @@ def protocol_scores_for(
 def true_rank(scores: torch.Tensor, true_index: torch.Tensor) -> torch.Tensor:
     """1-based rank of the true class in each row of ``[..., B, C]`` scores → long ``[..., B]``.
 
-    Equal scores rank the lower class index first (the tie rule of :func:`bifta_core.predict.top_k`),
+    Equal scores rank the lower class index first (the tie rule of :func:`bifta_core.method.prediction.top_k`),
     so ``rank == 1`` exactly when the predicted label is the true one.
     """
     t = true_index.to(scores.device, torch.long)

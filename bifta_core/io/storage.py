@@ -15,8 +15,8 @@ Errors a user can act on (missing object, access denied, unreachable storage aft
 retries ran out) are raised as :class:`~bifta_core.errors.StorageError` with a one-line
 message built from the URI and the server's error code only, so credentials never leak.
 
-Caches: downloaded objects go to ``$BIFTA_CACHE_DIR/downloads`` (default
-``~/.cache/bifta/downloads``).
+Caches: downloaded objects go to the ``downloads`` folder of the cache root
+(:mod:`bifta_core.io.cache`).
 """
 
 from __future__ import annotations
@@ -747,15 +747,16 @@ def check_writable(uri: str) -> None:
 
 
 def _default_cache_dir() -> str:
-    base = os.environ.get("BIFTA_CACHE_DIR") or os.path.join("~", ".cache", "bifta")
-    return os.path.join(os.path.expanduser(base), "downloads")
+    from bifta_core.io.cache import cache_dir
+
+    return cache_dir("downloads")
 
 
 def cached_download(uri: str, cache_dir: str | None = None) -> str:
     """Local path of *uri*, downloading a remote object once per node.
 
-    Remote objects land in ``<cache_dir>/<sha256(uri)[:16]>-<basename>`` (default
-    ``~/.cache/bifta/downloads``, or ``$BIFTA_CACHE_DIR/downloads``). An ``fcntl`` lock
+    Remote objects land in ``<cache_dir>/<sha256(uri)[:16]>-<basename>`` (default: the
+    ``downloads`` folder of :mod:`bifta_core.io.cache`). An ``fcntl`` lock
     makes concurrent Ray workers on one node wait for a single download instead of each
     fetching a multi-GB checkpoint. Objects are treated as immutable: a cached copy is
     never re-validated, so publish new weights under a new key. Local paths are returned

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -40,6 +40,9 @@ import pyarrow.compute as pc
 import torch
 
 from bifta_core.errors import InputError
+
+if TYPE_CHECKING:
+    from bifta_core.method.encoding import Encoded
 
 SAVED_FORMAT = 1
 SAVED_DIR = "_embeddings"
@@ -182,3 +185,28 @@ def to_batch(batch: pa.Table | pa.RecordBatch) -> SavedBatch:
     boxes = table.column("view_boxes").combine_chunks().take(keep).to_pylist()
     saved.view_boxes = [np.asarray(b or [], dtype=np.int32).reshape(-1, 4) for b in boxes]
     return saved
+
+
+def flat_columns(encoded: "Encoded | None", batch: dict[str, np.ndarray], ok: list[int], n: int, label_sets: int,
+                 keep: dict, image_scale: float) -> dict[str, pa.Array]:
+    """The :data:`bifta_core.io.saved_embeddings.FLAT_FIELDS` columns of a batch's rows: values on the
+    first label set's rows (one per input, null on error rows), null on the others."""
+    total = n * label_sets
+    values: dict[str, list] = {f.name: [None] * total for f in FLAT_FIELDS}
+    values["emb_row"] = [i < n for i in range(total)]
+    if encoded is not None:
+        image = encoded.image_emb.float().cpu().numpy()
+        for j, i in enumerate(ok):
+            values["emb_image"][i] = image[j]
+        if keep.get("views") and encoded.has_views:
+            weights = encoded.weights(image_scale).cpu().numpy()
+            view_image = encoded.view_image.float().cpu().numpy()
+            view_emb = encoded.view_emb.float().cpu().numpy()
+            counts = encoded.view_mask.sum(dim=1).cpu().numpy()
+            for k, j in enumerate(encoded.sub.tolist()):
+                i, c = ok[j], int(counts[k])
+                values["emb_view_image"][i] = view_image[k]
+                values["emb_views"][i] = view_emb[k, :c].reshape(-1)
+                values["emb_view_boxes"][i] = np.frombuffer(batch["boxes_original"][i], dtype=np.int32)[: 4 * c]
+                values["emb_view_weights"][i] = weights[k, :c]
+    return {f.name: pa.array(values[f.name], f.type) for f in FLAT_FIELDS}
