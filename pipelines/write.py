@@ -156,7 +156,7 @@ def shard_stats(table: pa.Table, shard: str, seconds: float) -> dict[str, Any]:
     stats = {"shard": shard, "images": images, "rows": table.num_rows, "ok": images - len(error_ids),
              "errors": len(error_ids), "error_reasons": dict(reasons), "seconds": round(seconds, 3)}
     if "views_encoded" in table.column_names:  # per image: the same on each of its label-set rows
-        views = dict(zip(ids.to_pylist(), table.column("views_encoded").to_pylist()))
+        views = {i: v or 0 for i, v in zip(ids.to_pylist(), table.column("views_encoded").to_pylist())}
         stats.update(views_encoded=sum(views.values()), images_with_views=sum(1 for v in views.values() if v))
     return stats
 

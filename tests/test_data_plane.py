@@ -137,8 +137,10 @@ def test_shard_writer_publishes_complete_shards_once_with_footer_statistics(tmp_
     assert w.open_shards() == {"00000-00000": 2}
     published = w.add(pa.concat_tables([_rows(["c"], "00000-00000", "error"), _rows(["d"], "00000-00001")]))
     assert [p["shard"] for p in published] == ["00000-00000", "00000-00001"]
+    # these rows say no view was encoded (views_encoded null): the view counts are 0
     assert published[0] | {"seconds": 0} == {"shard": "00000-00000", "images": 3, "rows": 3, "ok": 2, "errors": 1,
-                                             "error_reasons": {"file not found": 1}, "seconds": 0}
+                                             "error_reasons": {"file not found": 1}, "seconds": 0,
+                                             "views_encoded": 0, "images_with_views": 0}
     assert w.open_shards() == {}
     path = tmp_path / "part-00000-00000.parquet"
     assert shard_of(str(path)) == "00000-00000"

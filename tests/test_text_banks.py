@@ -206,9 +206,9 @@ def test_every_distinct_text_is_encoded_once(label_set, tiny_vit_model, monkeypa
     seen: list[str] = []
     original = tiny_vit_model.encode_text
 
-    def spy(texts, batch_size=256):
+    def spy(texts, batch_size=256, **kwargs):
         seen.extend(texts)
-        return original(texts, batch_size=batch_size)
+        return original(texts, batch_size=batch_size, **kwargs)
 
     monkeypatch.setattr(tiny_vit_model, "encode_text", spy)
     build_label_set_embeddings(label_set, tiny_vit_model, ALL_SPECS + [BankSpec("bifta")])
