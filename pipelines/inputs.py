@@ -346,8 +346,10 @@ def list_source(source: Source, out: str, options: ListingOptions) -> tuple[Any,
     buckets: list[list[np.ndarray]] = [[] for _ in range(DUP_BUCKETS)]
     pending: list[pa.Table] = []
     pending_rows = 0
-    with storage.open_output(source_input_path(out, source.index)) as fh:
-        writer = pq.ParquetWriter(fh, INPUT_SCHEMA, compression="zstd")
+    # The writer is closed (its footer written) before open_output publishes or, on an error,
+    # discards the file: a failed listing leaves no half-written writer behind.
+    with storage.open_output(source_input_path(out, source.index)) as fh, \
+            pq.ParquetWriter(fh, INPUT_SCHEMA, compression="zstd") as writer:
 
         def flush(tables: list[pa.Table]) -> None:
             # one row group per shard: a shard is read back as row group ``chunk`` of its source's file
@@ -373,7 +375,6 @@ def list_source(source: Source, out: str, options: ListingOptions) -> tuple[Any,
                     pending, pending_rows = [], 0
         if pending_rows:
             flush(pending)
-        writer.close()
     return ({"shards": shards, "has_truth": has_truth}, *[np.sort(np.concatenate(b)) if b else np.zeros(0, np.uint64) for b in buckets])
 
 
