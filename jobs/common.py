@@ -97,7 +97,7 @@ def format_label_summary(summary: dict[str, Any]) -> str:
         f"  files         {summary['files_written']} written, {summary['rows_written']} rows",
     ]
     if summary.get("embeddings"):
-        lines.append(f"  embeddings    {summary['embeddings']} (bifta relabel {summary['out']} --labels NEW --out OUT2)")
+        lines.append(f"  embeddings    {summary['embeddings']} (bifta relabel {summary['embeddings']} --labels NEW --out OUT2)")
     if summary["error_reasons"]:
         lines.append("  error reasons " + "; ".join(f"{k} ×{v}" for k, v in summary["error_reasons"].items()))
     if summary.get("random_weights"):

@@ -47,14 +47,14 @@ def _label_sets(predictions: str, given: list[str] | None, names: list[str]) -> 
     from bifta_core.io.label_sets import load_label_set
     from pipelines.write import RUN_FILE, read_json
 
-    specs = given
-    if specs is None:
-        run = read_json(predictions, RUN_FILE) or {}
-        specs = (run.get("config") or {}).get("labels") or []
+    run_config = (read_json(predictions, RUN_FILE) or {}).get("config") or {}
+    specs = given if given is not None else run_config.get("labels") or []
+    merge = bool(run_config.get("merge_duplicate_classes", False))
     out: dict[str, list[str]] = {}
     for name, path in LabelConfig(labels=list(specs)).label_specs():
         try:
-            ls = load_label_set(path, name)
+            # as the run loaded it: its duplicate-class rule, and only the class list is needed
+            ls = load_label_set(path, name, merge_duplicates=merge, needed=frozenset())
         except LabelSetError as exc:
             raise ConfigError(f"cannot read label set {path} for the labeling config ({exc}); pass --labels") from None
         out[ls.name] = list(ls.classes)

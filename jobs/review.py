@@ -139,6 +139,7 @@ def build_page(out: str, selection: Selection, label_set: str | None = None,
 def run(args: argparse.Namespace) -> int:
     for flag, value in (("--max-items", args.max_items), ("--per-class", args.per_class)):
         integer(flag, value)
+    integer("--seed", args.seed, minimum=0)
     if args.screenshot:
         browser()  # a missing Chromium fails before any work
     page, counts = build_page(args.out, Selection(args.max_items, args.per_class, args.seed), args.label_set)

@@ -181,7 +181,7 @@ def run_id_for(config: LabelConfig, label_set_hashes: list[str], provenance: dic
     )
     for key in ("num_views", "max_views", "iou_threshold", "scale"):
         payload.pop(key, None)  # folded into ``views``
-    if config.cascade:  # only then: run ids of runs without a cascade are unchanged
+    if config.cascade:  # only then, so the run id of a run without a cascade does not mention it
         payload["cascade"] = {"margin": config.cascade_margin, "first": config.cascade_first}
     return config_fingerprint(payload)[:16]
 

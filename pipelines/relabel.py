@@ -132,6 +132,12 @@ def _shard_sizes(folder: str, threads: int = 32) -> list[tuple[str, int]]:
     return [(s, int(st["images"])) for s, st in zip(shards, stats)]
 
 
+def _unsaved_shards(location: str, folder: str, saved: set[str]) -> list[str]:
+    """Shards of the labelling OUT that have a part file but no kept embeddings."""
+    out = location if folder != location else os.path.dirname(folder.rstrip("/"))
+    return sorted(finished_shards(out) - saved) if out and storage.exists(out) else []
+
+
 def run_relabel_job(config: LabelConfig, *, given: set[str] = frozenset(),
                     on_progress: Callable[[dict], None] | None = None) -> dict[str, Any]:
     """Relabel the embeddings in ``config.input``; ``given``: LabelConfig field names set by flags
@@ -163,6 +169,11 @@ def run_relabel_job(config: LabelConfig, *, given: set[str] = frozenset(),
         _check_out(config, run_id)
         label_sets = prepare_label_sets(config, model_config(config), plan=plan, remote=env_args(env, gpu=False))
         sizes = _shard_sizes(folder)
+        unsaved = _unsaved_shards(config.input, folder, {s for s, _ in sizes})
+        if unsaved:
+            logger.warning("%d shard(s) of %s have predictions but no kept embeddings (labelled without "
+                           "--save-embeddings, or still being labelled): relabel skips them; label them again with "
+                           "--save-embeddings to include them", len(unsaved), config.input)
         write_json(config.out, RUN_FILE, {"run_id": run_id, "layout": LAYOUT_VERSION, "config": config.to_dict(),
                                           "model": meta["model"], "relabel": {"embeddings": folder,
                                                                               "source_run_id": meta.get("run_id")}})
@@ -189,7 +200,7 @@ def run_relabel_job(config: LabelConfig, *, given: set[str] = frozenset(),
                                         aggregation=config.aggregation),
                       top_k=config.top_k, explain=config.explain, explain_views=config.explain_views,
                       cascade=specs_first, schema=schema,
-                      ctx=RowContext(method=config.method, model=config.model.model,
+                      ctx=RowContext(method=config.method, model=config.model.model.replace("/", "-"),
                                      pretrained=config.model.pretrained, run_id=run_id,
                                      random_weights=config.model.pretrained == "random"),
                       torch_threads=max(1, cpus // actors))),
@@ -207,6 +218,7 @@ def run_relabel_job(config: LabelConfig, *, given: set[str] = frozenset(),
     summary = {
         "run_id": run_id, "out": config.out, "layout": LAYOUT_VERSION, "embeddings": folder,
         "inputs": sum(n for _, n in sizes), "shards": len(sizes), "skipped_already_done": skipped,
+        "shards_without_embeddings": len(unsaved),
         "processed": totals.images, "ok": totals.ok, "errors": totals.errors,
         "error_reasons": dict(totals.reasons.most_common(10)),
         "label_sets": {ls.name: {"classes": ls.num_classes, "id": ls.content_hash[:16]} for ls in label_sets},

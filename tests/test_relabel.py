@@ -98,6 +98,7 @@ def test_relabel_with_the_same_settings_reproduces_the_cascade_rows(cascade_run,
                                    cascade_margin=config.cascade_margin)
     assert not row_differences(relabelled, rows)  # run id included: the same rows
     assert summary["ok"] == sum(r["status"] == "ok" for r in rows) // 2 and summary["errors"] == 1
+    assert summary["shards_without_embeddings"] == 0
 
     # resume: a lost part file is redone from its embeddings, to the same rows
     parts = part_paths(out)

@@ -163,7 +163,10 @@ def to_batch(batch: pa.Table | pa.RecordBatch) -> SavedBatch:
     ok = [i for i, s in enumerate(columns["status"]) if s == "ok"]
     keep = pa.array(ok, pa.int64())
     saved = SavedBatch(columns=columns, ok=ok, image_emb=_dense(image.take(keep), dim))
-    if "view_emb" not in table.column_names:
+    if "view_emb" not in table.column_names:  # a file kept without views (a resume can mix them)
+        saved.view_image_emb, saved.view_emb = torch.zeros(len(ok), dim), torch.zeros(len(ok), 0, dim)
+        saved.view_mask, saved.has_views = torch.zeros(len(ok), 0, dtype=torch.bool), np.zeros(len(ok), dtype=bool)
+        saved.view_boxes = [np.zeros((0, 4), dtype=np.int32) for _ in ok]
         return saved
     views = table.column("view_emb").combine_chunks().take(keep)
     has = np.asarray(views.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
