@@ -194,6 +194,8 @@ def _close(a: Any, b: Any, tol: float) -> bool:
         return abs(a - b) <= tol * max(1.0, abs(a), abs(b))
     if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
         return all(_close(x, y, tol) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys():  # structs: top_views' boxes
+        return all(_close(a[k], b[k], tol) for k in a)
     return a == b
 
 
@@ -201,7 +203,7 @@ def row_differences(got: list[dict[str, Any]], want: list[dict[str, Any]], limit
                     tol: float = 1e-5) -> list[str]:
     """Readable differences between two row lists in the same order (empty when equal).
 
-    Floats (scores, margins) may differ by ``tol`` (relative): the encoder batches images in arrival
+    Floats (scores, margins, view weights) may differ by ``tol`` (relative): the encoder batches images in arrival
     order, and a view encoded next to other neighbours moves in the last float bits (README,
     determinism). Everything else — labels, ids, top-k order, counts — must be equal; ``tol=0`` asks
     for bit-identical rows."""
