@@ -79,6 +79,25 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--pgs-whole-image", action="store_true", default=s, help="also apply PGS to the whole-image encode")
 
 
+def add_label_set_cache_arguments(group: argparse._ArgumentGroup) -> None:
+    """``--labelset-cache``, ``--no-labelset-cache`` and ``--labelset-artifact`` (label and relabel)."""
+    s = argparse.SUPPRESS
+    group.add_argument("--labelset-cache", default=s,
+                       help="label-set embedding cache folder (the labelsets folder of the cache root, $BIFTA_CACHE_DIR)")
+    group.add_argument("--no-labelset-cache", dest="labelset_cache", action="store_const", const="", default=s)
+    group.add_argument("--labelset-artifact", dest="labelset_artifacts", action="append", default=s,
+                       help="prebuilt label set from `bifta labelset build` (repeatable)")
+
+
+def add_s3_arguments(parser: argparse.ArgumentParser) -> None:
+    """The S3 settings as flags (label and relabel); credentials only from the environment."""
+    s = argparse.SUPPRESS
+    s3 = parser.add_argument_group("S3 (default: the standard AWS environment; credentials only from there)")
+    s3.add_argument("--s3-endpoint-url", default=s, help="S3-compatible endpoint, e.g. http://minio:9000")
+    s3.add_argument("--s3-region", default=s, help="S3 region")
+    s3.add_argument("--s3-anon", action="store_true", default=s, help="unsigned requests (public buckets)")
+
+
 def format_label_summary(summary: dict[str, Any]) -> str:
     """The one-screen end-of-run summary."""
     lines = [

@@ -19,7 +19,10 @@ from bifta_core.method.cascade import DEFAULT_FIRST_STAGE, first_stage_methods
 from bifta_core.config import LabelConfig
 from bifta_core.errors import ConfigError
 from bifta_core.method.registry import METHOD_NAMES
-from jobs.common import MODEL_FIELDS, add_model_arguments, format_label_summary, print_progress
+from jobs.common import (
+    MODEL_FIELDS, add_label_set_cache_arguments, add_model_arguments, add_s3_arguments, format_label_summary,
+    print_progress,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,18 +44,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--num-scorers", dest="num_encoders", type=int, default=s,
                    help="scoring actors (default: half the CPUs of an embedded Ray, else all)")
     e.add_argument("--top-k", type=int, default=s, help="labels kept per image (5)")
-    e.add_argument("--labelset-cache", default=s, help="label-set embedding cache folder (the labelsets folder of the cache root, $BIFTA_CACHE_DIR)")
-    e.add_argument("--no-labelset-cache", dest="labelset_cache", action="store_const", const="", default=s)
-    e.add_argument("--labelset-artifact", dest="labelset_artifacts", action="append", default=s,
-                   help="prebuilt label set from `bifta labelset build` (repeatable)")
+    add_label_set_cache_arguments(e)
     e.add_argument("--no-explain", dest="explain", action="store_false", default=s, help="skip the explanation column")
     e.add_argument("--explain-views", type=int, default=s, metavar="K",
                    help="top_views: the K highest-weighted saved views of each WCA/BiFTA row (5)")
     e.add_argument("--quiet", action="store_true", help="no progress lines")
-    s3 = parser.add_argument_group("S3 (default: the standard AWS environment; credentials only from there)")
-    s3.add_argument("--s3-endpoint-url", default=s, help="S3-compatible endpoint, e.g. http://minio:9000")
-    s3.add_argument("--s3-region", default=s, help="S3 region")
-    s3.add_argument("--s3-anon", action="store_true", default=s, help="unsigned requests (public buckets)")
+    add_s3_arguments(parser)
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[LabelConfig, set[str]]:

@@ -322,15 +322,28 @@ def _run(config: LabelConfig, started: float, on_progress, plan, run_id: str,
     totals = run_shards(config.out, todo, stages, writers=res.writers, schema=schema, env=env,
                         file_metadata={"bifta.run_id": run_id}, on_progress=on_progress,
                         total=listing.images - skipped, rows_per_input=len(label_sets), embeddings=keep)
+    summary = run_summary(config, run_id, totals, label_sets, started=started, encode_started=encode_started,
+                          inputs=listing.images, shards=len(listing.shards), skipped=skipped)
+    summary.update(embeddings=storage.join(config.out, SAVED_DIR) if keep else None,
+                   gpus=res.encoders if res.use_gpu else 0,
+                   plan={"use_gpu": res.use_gpu, "encoders": res.encoders, "decoders": res.decoders,
+                         "writers": res.writers})
+    write_json(config.out, SUMMARY_FILE, summary)
+    return summary
+
+
+def run_summary(config: LabelConfig, run_id: str, totals, label_sets, *, started: float, encode_started: float,
+                inputs: int, shards: int, skipped: int) -> dict[str, Any]:
+    """The summary ``label`` and ``relabel`` share (``OUT/_bifta_summary.json``), from the writers'
+    shard statistics (:class:`pipelines.plan.ShardTotals`) and the run's settings."""
     finished = time.time()
     elapsed = finished - encode_started
-    steady = totals.steady_rate(finished)
-    summary = {
+    return {
         "run_id": run_id,
         "out": config.out,
         "layout": LAYOUT_VERSION,
-        "inputs": listing.images,
-        "shards": len(listing.shards),
+        "inputs": inputs,
+        "shards": shards,
         "skipped_already_done": skipped,
         "processed": totals.images,
         "ok": totals.ok,
@@ -345,18 +358,13 @@ def _run(config: LabelConfig, started: float, on_progress, plan, run_id: str,
         "model": config.model.model,
         "pretrained": config.model.pretrained,
         "random_weights": config.model.pretrained == "random",
-        "embeddings": storage.join(config.out, SAVED_DIR) if keep else None,
         "files_written": totals.files,
         "rows_written": totals.rows,
         "encode_seconds": round(elapsed, 3),
-        "total_seconds": round(time.time() - started, 3),
+        "total_seconds": round(finished - started, 3),
         "images_per_second": round(totals.images / elapsed, 3) if totals.images and elapsed > 0 else 0.0,
-        "steady_images_per_second": round(steady, 3),
-        "gpus": res.encoders if res.use_gpu else 0,
-        "plan": {"use_gpu": res.use_gpu, "encoders": res.encoders, "decoders": res.decoders, "writers": res.writers},
+        "steady_images_per_second": round(totals.steady_rate(finished), 3),
     }
-    write_json(config.out, SUMMARY_FILE, summary)
-    return summary
 
 
 def label_stages(config: LabelConfig, res: Resources, label_sets, run_id: str, schema: pa.Schema,

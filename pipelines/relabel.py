@@ -144,7 +144,7 @@ def run_relabel_job(config: LabelConfig, *, given: set[str] = frozenset(),
     (the others take the embeddings' settings). Returns the summary written to ``OUT/_bifta_summary.json``."""
     from pipelines.label_sets import load_label_sets, plan_label_sets, prepare_label_sets
     from pipelines.pipeline import (
-        _check_out, _unwrap, cached_model_facts, cascade_args, ensure_ray, model_config, run_id_for,
+        _check_out, _unwrap, cached_model_facts, cascade_args, ensure_ray, model_config, run_id_for, run_summary,
     )
 
     started = time.time()
@@ -214,26 +214,9 @@ def run_relabel_job(config: LabelConfig, *, given: set[str] = frozenset(),
         if real is not exc:
             raise real from None
         raise
-    elapsed = time.time() - encode_started
-    summary = {
-        "run_id": run_id, "out": config.out, "layout": LAYOUT_VERSION, "embeddings": folder,
-        "inputs": sum(n for _, n in sizes), "shards": len(sizes), "skipped_already_done": skipped,
-        "shards_without_embeddings": len(unsaved),
-        "processed": totals.images, "ok": totals.ok, "errors": totals.errors,
-        "error_reasons": dict(totals.reasons.most_common(10)),
-        "label_sets": {ls.name: {"classes": ls.num_classes, "id": ls.content_hash[:16]} for ls in label_sets},
-        "method": config.method,
-        "cascade": {"margin": config.cascade_margin, "first": config.cascade_first} if config.cascade else None,
-        "views_encoded": totals.views_encoded,
-        "views_per_image": round(totals.views_encoded / totals.ok, 3) if totals.ok else 0.0,
-        "share_with_views": round(totals.images_with_views / totals.ok, 4) if totals.ok else 0.0,
-        "model": config.model.model, "pretrained": config.model.pretrained,
-        "random_weights": config.model.pretrained == "random",
-        "files_written": totals.files, "rows_written": totals.rows,
-        "encode_seconds": round(elapsed, 3), "total_seconds": round(time.time() - started, 3),
-        "images_per_second": round(totals.images / elapsed, 3) if totals.images and elapsed > 0 else 0.0,
-        "steady_images_per_second": round(totals.steady_rate(time.time()), 3),
-    }
+    summary = run_summary(config, run_id, totals, label_sets, started=started, encode_started=encode_started,
+                          inputs=sum(n for _, n in sizes), shards=len(sizes), skipped=skipped)
+    summary.update(embeddings=folder, shards_without_embeddings=len(unsaved))
     write_json(config.out, SUMMARY_FILE, summary)
     return summary
 
