@@ -534,9 +534,10 @@ def run_scaling(args: argparse.Namespace) -> int:
             part, figures = _throughput_case(work, args, labels, cache, log)
             targets.update(part)
             result.update(figures)
-            import ray
+            if args.only is None:
+                import ray
 
-            ray.shutdown()  # the driver case's runs start embedded Rays of their own
+                ray.shutdown()  # the driver case's runs start embedded Rays of their own
         if args.only in (None, "driver"):
             small_rows, large_rows = driver_rows(args)
             print(f"  driver case: manifests of {small_rows:,} and {large_rows:,} missing images, "

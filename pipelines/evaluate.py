@@ -208,9 +208,22 @@ def run_evaluation(
         ensure_ray()
         res = plan_resources(config, ray.cluster_resources(), embedded=is_embedded())
     env = storage.s3_env(config.s3_endpoint_url, config.s3_region, config.s3_anon)
+    listing = None
+    if not options.from_embeddings:
+        emb_dir = storage.join(options.out, EMBEDDINGS_DIR)
+        storage.remove(emb_dir, recursive=True)  # an evaluation is encoded whole, never resumed
+        listing = build_listing(config.input, emb_dir, ListingOptions(
+            shard_size=config.shard_size, label_column=options.label_column, require_labels=True),
+            limit=config.limit, remote=env_args(env, gpu=False))
+        # Unknown ground-truth labels are a user error: found before any text or image is encoded
+        # (the label set's texts can take minutes to encode).
+        sources = sorted({int(s.split("-")[0]) for s, _ in listing.shards})
+        labels = ray.get(ray.remote(distinct_true_labels).options(**env_args(env, gpu=False)).remote(emb_dir, sources))
+        map_labels(labels, label_set.classes, label_set.synonyms, label_set.name)
     ls_started = time.time()
     emb, cache_hit = prepare_eval_label_set(config, label_set, specs, mcfg, num_gpus=1 if res and res.use_gpu else 0,
-                                            remote=env_args(env, gpu=bool(res and res.use_gpu)))
+                                            remote=env_args(env, gpu=bool(res and res.use_gpu)),
+                                            show_progress=on_progress is not None)
     label_set_seconds = time.time() - ls_started
     params = ScoreParams(image_scale=config.image_scale, text_scale=config.text_scale, aggregation=config.aggregation)
     acc = EvaluationAccumulator(methods, emb.classes, params=params, protocol=protocol, logit_scale=options.logit_scale)
@@ -227,16 +240,7 @@ def run_evaluation(
         source = "encoded in this run"
         presets = view_presets(config, preset_names)
         views_used = {p: dataclasses.asdict(v) for p, v in presets.items()}
-        emb_dir = storage.join(options.out, EMBEDDINGS_DIR)
-        storage.remove(emb_dir, recursive=True)  # an evaluation is encoded whole, never resumed
-        listing = build_listing(config.input, emb_dir, ListingOptions(
-            shard_size=config.shard_size, label_column=options.label_column, require_labels=True),
-            limit=config.limit, remote=env_args(env, gpu=False))
         inputs_n = listing.images
-        # Unknown ground-truth labels are a user error: found before any image is encoded.
-        sources = sorted({int(s.split("-")[0]) for s, _ in listing.shards})
-        labels = ray.get(ray.remote(distinct_true_labels).options(**env_args(env, gpu=False)).remote(emb_dir, sources))
-        map_labels(labels, label_set.classes, label_set.synonyms, label_set.name)
         dim = model_embed_dim(config.model.model)
         meta = embeddings_meta(config, presets, dim)
         stages = eval_stages(config, res, presets=presets, model_cfg=mcfg, out=emb_dir)

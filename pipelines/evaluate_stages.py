@@ -63,9 +63,10 @@ def load_eval_label_set(config: LabelConfig) -> LabelSet:
 
 def prepare_eval_label_set(
     config: LabelConfig, label_set: LabelSet, specs: list[BankSpec], model_cfg: dict, *, num_gpus: float = 0,
-    remote: dict | None = None,
+    remote: dict | None = None, show_progress: bool = True,
 ) -> tuple[LabelSetEmbeddings, bool]:
-    """Text embeddings of ``label_set`` for ``specs`` → (embeddings, cache hit).
+    """Text embeddings of ``label_set`` for ``specs`` → (embeddings, cache hit); a progress line while
+    encoding unless ``show_progress`` is False.
 
     Uses the labelling pipeline's content-hash cache and key (:func:`pipelines.label_sets.label_set_identity`);
     a miss is encoded in the labelling pipeline's Ray task, with the same resources and runtime environment.
@@ -94,7 +95,7 @@ def prepare_eval_label_set(
     threads = resources.pop("threads")
     task = _encode_label_sets.options(**resources, **(remote or {}))
     text_cfg = {**model_cfg, "quick_gelu": config.model.quick_gelu}
-    emb = ray.get(task.remote([label_set], text_cfg, specs, config.text_scale, threads))[0]
+    emb = ray.get(task.remote([label_set], text_cfg, specs, config.text_scale, threads, show_progress))[0]
     emb.content_hash = digest
     if cache:
         save_artifact(emb, cache)

@@ -82,9 +82,10 @@ def label_set_identity(config: LabelConfig) -> str:
 
 @ray.remote
 def _encode_label_sets(label_sets: list[LabelSet], model_cfg: dict, specs: list[BankSpec], text_scale: float,
-                       threads: int | None = None):
+                       threads: int | None = None, show_progress: bool = True):
     """The text encode of the label-set stage, with a progress line per label set (printed by the
-    worker, shown by the driver) and ``threads`` torch threads on CPU."""
+    worker, shown by the driver; none with ``show_progress`` False: ``--quiet``) and ``threads``
+    torch threads on CPU."""
     import torch
 
     from bifta_core.progress import ProgressLine
@@ -94,7 +95,8 @@ def _encode_label_sets(label_sets: list[LabelSet], model_cfg: dict, specs: list[
         torch.set_num_threads(threads)
     model = load_gpu_checked_model(text_model_config(model_cfg), ray.get_gpu_ids())
     return [build_label_set_embeddings(ls, model, specs, text_scale=text_scale,
-                                       progress=ProgressLine(f"label set '{ls.name}'", "texts").update)
+                                       progress=ProgressLine(f"label set '{ls.name}'", "texts").update
+                                       if show_progress else None)
             for ls in label_sets]
 
 
@@ -165,8 +167,10 @@ def plan_label_sets(config: LabelConfig, loaded: list[LabelSet] | None = None, *
 
 
 def prepare_label_sets(config: LabelConfig, model_cfg: dict, *, num_gpus: float = 0,
-                       plan: LabelSetPlan | None = None, remote: dict | None = None) -> list[LabelSetEmbeddings]:
-    """Every ``--labels`` and ``--labelset-artifact`` as embeddings; encodes only what the cache lacks."""
+                       plan: LabelSetPlan | None = None, remote: dict | None = None,
+                       show_progress: bool = True) -> list[LabelSetEmbeddings]:
+    """Every ``--labels`` and ``--labelset-artifact`` as embeddings; encodes only what the cache lacks
+    (with a progress line unless ``show_progress`` is False)."""
     plan = plan or plan_label_sets(config)
     ready = dict(plan.ready)
     if plan.missing:
@@ -178,7 +182,7 @@ def prepare_label_sets(config: LabelConfig, model_cfg: dict, *, num_gpus: float 
         # The activation the cache key was computed with, whatever the caller's model_cfg says.
         text_cfg = {**model_cfg, "quick_gelu": config.model.quick_gelu}
         built = ray.get(task.remote([m[1] for m in plan.missing], text_cfg, bank_specs(config), config.text_scale,
-                                    threads))
+                                    threads, show_progress))
         for (i, ls, digest, cache), emb in zip(plan.missing, built):
             emb.content_hash = digest  # the driver's hash names it, whatever node encoded it
             if cache:

@@ -48,6 +48,12 @@ _ROW_FIELDS = (
 )
 
 
+#: Ray settings of an embedded Ray. Idle workers live 30 s (Ray's default is 1 s): the plan's first
+#: tasks then reuse the listing's workers, and their imports, instead of starting new ones while the
+#: actors load their models.
+EMBEDDED_RAY_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": 30_000}
+
+
 def ensure_ray(num_cpus: int | None = None) -> None:
     """Join the cluster in ``RAY_ADDRESS`` (set by ``ray job submit``), else start a local Ray."""
     if ray.is_initialized():
@@ -60,10 +66,7 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     kwargs: dict[str, Any] = dict(address=address or "local", ignore_reinit_error=True,
                                   logging_level=logging.ERROR if quiet else logging.WARNING)
     if address is None:
-        # Idle workers live 30 s (Ray's default is 1 s): the plan's first tasks then reuse the
-        # listing's workers instead of starting new ones while the actors load their models.
-        kwargs.update(num_cpus=num_cpus, include_dashboard=False,
-                      _system_config={"idle_worker_killing_time_threshold_ms": 30_000})
+        kwargs.update(num_cpus=num_cpus, include_dashboard=False, _system_config=EMBEDDED_RAY_SYSTEM_CONFIG)
     ray.init(**kwargs)
 
 
@@ -297,7 +300,7 @@ def _run(config: LabelConfig, started: float, on_progress, plan, run_id: str,
          env: dict[str, str]) -> dict[str, Any]:
     mcfg = model_config(config)
     label_sets = prepare_label_sets(config, mcfg, num_gpus=1 if res.use_gpu else 0, plan=plan,
-                                    remote=env_args(env, gpu=res.use_gpu))
+                                    remote=env_args(env, gpu=res.use_gpu), show_progress=on_progress is not None)
     if isinstance(listing, _Background):  # joined before the run file: a bad INPUT leaves no run behind
         listing = listing.result()
     write_json(config.out, RUN_FILE, {"run_id": run_id, "layout": LAYOUT_VERSION, "config": config.to_dict(),

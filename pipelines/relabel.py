@@ -167,7 +167,8 @@ def run_relabel_job(config: LabelConfig, *, given: set[str] = frozenset(),
         plan = plan_label_sets(config, loaded, identity=facts["label_set_identity"])
         run_id = run_id_for(config, plan.hashes, meta["model"])  # the embeddings' encoders, not this machine's
         _check_out(config, run_id)
-        label_sets = prepare_label_sets(config, model_config(config), plan=plan, remote=env_args(env, gpu=False))
+        label_sets = prepare_label_sets(config, model_config(config), plan=plan, remote=env_args(env, gpu=False),
+                                        show_progress=on_progress is not None)
         sizes = _shard_sizes(folder)
         unsaved = _unsaved_shards(config.input, folder, {s for s, _ in sizes})
         if unsaved:

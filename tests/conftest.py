@@ -36,8 +36,13 @@ def local_ray(_ray_session):
     starts its own; the next module asking for this one starts it again."""
     import ray
 
+    # The embedded Ray's settings: a run's tasks reuse the idle workers (and their torch import) of the
+    # run before; Ray's default (idle workers killed after 1 s) costs ~3 s a run.
+    from pipelines.pipeline import EMBEDDED_RAY_SYSTEM_CONFIG
+
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
+                 _system_config=EMBEDDED_RAY_SYSTEM_CONFIG)
     yield
 
 

@@ -141,6 +141,31 @@ def write_labelset(folder: Path, spec: dict[str, Any] = LABELSET, **overrides: A
     return folder
 
 
+def write_imagenet_subset(descriptions_dir: Path, dest: Path, classes: int = 100, *,
+                          files: Iterable[str] = ("classes.json", "cupl.json", "clip-d.json", "clip-e.json"),
+                          per_class: dict[str, int] | None = None) -> Path:
+    """The published ImageNet label set's first ``classes`` classes (in ``dest``), keeping each of
+    ``files`` that exists; ``per_class`` caps the texts per class of a file (``{"cupl.json": 6}``)
+    or the templates of ``clip-e.json``. The first 60 sample photos' classes are among the first 100;
+    the 1000 classes' texts would cost tests minutes of text encoding on a small CPU."""
+    src = descriptions_dir / "imagenet"
+    dest.mkdir(parents=True, exist_ok=True)
+    names = json.loads((src / "classes.json").read_text())[:classes]
+    caps = per_class or {}
+    for name in files:
+        if not (src / name).exists():
+            continue
+        data = json.loads((src / name).read_text())
+        if name == "classes.json":
+            data = names
+        elif isinstance(data, dict):
+            data = {c: data[c][: caps.get(name)] for c in names if c in data}
+        else:  # templates
+            data = data[: caps.get(name)]
+        (dest / name).write_text(json.dumps(data))
+    return dest
+
+
 # ---------------------------------------------------------------------------------------------- outputs
 def part_paths(out: Path) -> list[Path]:
     return sorted(out.glob("part-*.parquet"))
@@ -216,7 +241,6 @@ def row_differences(got: list[dict[str, Any]], want: list[dict[str, Any]], limit
                 out.append(f"{a.get('image_id')}[{key}]: {a.get(key)!r} != {b.get(key)!r}")
                 if len(out) >= limit:
                     return out
-    return out
     return out
 
 

@@ -2,8 +2,10 @@
 
 The benchmarks run for real but tiny (``bifta-tiny-vit``, 64-px inputs, a handful of images), so
 their targets may well be missed: exit 1 is as good as 0 here. What is checked is the contract:
-the process ends normally, its last stdout line is one JSON object with the documented keys, and
-a bad flag is one ``error:`` line with exit 2 before any work starts.
+the benchmark ends normally, its last stdout line is one JSON object with the documented keys, and
+a bad flag is one ``error:`` line with exit 2 before any work starts. They run in this process, on
+the tests' shared Ray; the scaling driver case (which starts label commands of its own) and a bad
+flag run as real commands.
 """
 
 from __future__ import annotations
@@ -34,18 +36,31 @@ SCALING_TARGETS = {"throughput_ratio", "driver_rss_growth", "label_set_stage_fla
                    "no_error_rows"}
 
 
-def _bench(*argv: str, timeout: float = 150) -> tuple[int, dict, str]:
-    """Run ``python -m jobs.bench ARGV`` on its own embedded Ray; (exit code, last-line JSON, stderr)."""
+def _verdict(code: int, stdout: str, stderr: str) -> tuple[int, dict, str]:
+    """(exit code, last-line JSON, stderr) of a benchmark that ended normally."""
+    assert code in (0, 1), f"exit {code}\n{stdout[-3000:]}\n{stderr[-3000:]}"
+    lines = stdout.strip().splitlines()
+    assert lines, f"no output\n{stderr[-3000:]}"
+    result = json.loads(lines[-1])
+    assert isinstance(result, dict)
+    assert result["ok"] is (code == 0)  # exit code and verdict agree
+    return code, result, stderr
+
+
+def _bench(capsys, *argv: str) -> tuple[int, dict, str]:
+    """``bifta bench ARGV`` in this process, on the tests' shared local Ray (``local_ray``): starting a
+    Ray and importing torch in a subprocess per benchmark cost ~10 s each."""
+    code = bench.main(list(argv))
+    out, err = capsys.readouterr()
+    return _verdict(code, out, err)
+
+
+def _bench_process(*argv: str, timeout: float = 150) -> tuple[int, dict, str]:
+    """``python -m jobs.bench ARGV`` as a command (its own embedded Ray, if it starts one)."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # never join someone's cluster
     proc = subprocess.run([sys.executable, "-m", "jobs.bench", *argv], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
-    assert proc.returncode in (0, 1), f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    lines = proc.stdout.strip().splitlines()
-    assert lines, f"no output\n{proc.stderr[-3000:]}"
-    result = json.loads(lines[-1])
-    assert isinstance(result, dict)
-    assert result["ok"] is (proc.returncode == 0)  # exit code and verdict agree
-    return proc.returncode, result, proc.stderr
+    return _verdict(proc.returncode, proc.stdout, proc.stderr)
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +71,8 @@ def photos() -> Path:
 
 
 # ------------------------------------------------------------------------------- smoke runs
-def test_pgs_bench_smoke(photos):
-    _, result, _ = _bench("pgs", *TINY, "--photos", str(photos), "--labels", str(EXAMPLE_LABELSET),
+def test_pgs_bench_smoke(photos, capsys):
+    _, result, _ = _bench(capsys, "pgs", *TINY, "--photos", str(photos), "--labels", str(EXAMPLE_LABELSET),
                           "--images", "3", "--num-views", "3", "--repeats", "1")
     assert result["benchmark"] == "pgs"
     assert PGS_KEYS <= set(result)
@@ -65,8 +80,8 @@ def test_pgs_bench_smoke(photos):
     assert 0.0 <= result["agreement_keep_0.5"] <= 1.0 and result["speedup_keep_0.5"] > 0
 
 
-def test_pipeline_bench_smoke(tmp_path):
-    _, result, _ = _bench("pipeline", *TINY, "--images", "6", "--num-views", "3", "--batch-size", "2",
+def test_pipeline_bench_smoke(local_ray, tmp_path, capsys):
+    _, result, _ = _bench(capsys, "pipeline", *TINY, "--images", "6", "--num-views", "3", "--batch-size", "2",
                           "--workdir", str(tmp_path / "work"))
     assert result["benchmark"] == "pipeline"
     assert PIPELINE_KEYS <= set(result)
@@ -78,9 +93,9 @@ def test_pipeline_bench_smoke(tmp_path):
         result["pipeline_images_per_s"] / result["bare_encoders_images_per_s"], rel=1e-2)
 
 
-def test_cascade_bench_smoke(tmp_path):
-    code, result, _ = _bench("cascade", *TINY, "--images", "8", "--num-views", "4", "--workdir",
-                             str(tmp_path / "work"), timeout=240)
+def test_cascade_bench_smoke(local_ray, tmp_path, capsys):
+    code, result, _ = _bench(capsys, "cascade", *TINY, "--images", "8", "--num-views", "4", "--workdir",
+                             str(tmp_path / "work"))
     assert result["benchmark"] == "cascade" and result["images"] == 8
     assert [r["share_with_views"] for r in result["cascade"]] == sorted(r["share_with_views"] for r in result["cascade"])
     ours = next(r for r in result["cascade"] if r["threshold"] == result["threshold"])
@@ -89,15 +104,15 @@ def test_cascade_bench_smoke(tmp_path):
     assert ours["views_per_image"] < result["full_views_per_image"]
 
 
-def test_relabel_bench_smoke(tmp_path):
-    _, result, _ = _bench("relabel", *TINY, "--images", "6", "--batch-size", "2", "--workdir", str(tmp_path / "w"))
+def test_relabel_bench_smoke(local_ray, tmp_path, capsys):
+    _, result, _ = _bench(capsys, "relabel", *TINY, "--images", "6", "--batch-size", "2", "--workdir", str(tmp_path / "w"))
     assert result["benchmark"] == "relabel" and result["images"] == 6 and result["dtype"] == "float16"
     assert result["ratio"] == pytest.approx(result["relabel_images_per_s"] / result["label_images_per_s"], rel=1e-2)
     # the tiny model's 64-wide float16 embeddings: 128 bytes of values per image, plus Parquet's own
     assert 128 <= result["bytes_per_image"] < 4000
 
 
-def test_pipeline_bench_fails_on_error_rows(tmp_path):
+def test_pipeline_bench_fails_on_error_rows(local_ray, tmp_path, capsys):
     """Error rows are cheap: a run with any must fail whatever its ratio, with a clear message."""
     images = tmp_path / "input"
     bench._write_images(images, 1)  # img_00000.jpg
@@ -105,7 +120,7 @@ def test_pipeline_bench_fails_on_error_rows(tmp_path):
     # only broken ones currently trips a Ray schema clash in the pipeline, which is not tested here).
     for name in ("a_broken.jpg", "z_broken.jpg"):
         (images / name).write_bytes(b"not a jpeg at all")
-    code, result, stderr = _bench("pipeline", *TINY, "--input", str(images), "--num-views", "2",
+    code, result, stderr = _bench(capsys, "pipeline", *TINY, "--input", str(images), "--num-views", "2",
                                   "--batch-size", "2", "--workdir", str(tmp_path / "work"))
     assert code == 1
     assert result["ok"] is False and result["ratio"] is None
@@ -113,8 +128,8 @@ def test_pipeline_bench_fails_on_error_rows(tmp_path):
     assert "bench pipeline FAILED: 2 of 3 images were error rows" in stderr
 
 
-def test_scaling_bench_smoke(tmp_path):
-    _, result, _ = _bench("scaling", "--only", "throughput", "--n", "4", "--factor", "2",
+def test_scaling_bench_smoke(local_ray, tmp_path, capsys):
+    _, result, _ = _bench(capsys, "scaling", "--only", "throughput", "--n", "4", "--factor", "2",
                           "--work-dir", str(tmp_path / "work"))
     assert result["benchmark"] == "scaling"
     assert SCALING_KEYS <= set(result)
@@ -128,7 +143,7 @@ def test_scaling_bench_smoke(tmp_path):
 def test_scaling_bench_driver_case_smoke(tmp_path):
     """The driver case on small manifests: a fresh run stopped at its first part file, then a resume of
     a mostly-finished OUT run to the end; driver figures for both sizes and the four targets."""
-    _, result, _ = _bench("scaling", "--only", "driver", "--driver-rows", "300,600", "--driver-shard-size", "100",
+    _, result, _ = _bench_process("scaling", "--only", "driver", "--driver-rows", "300,600", "--driver-shard-size", "100",
                           "--driver-left-shards", "1", "--driver-model", "bifta-tiny-vit",
                           "--work-dir", str(tmp_path / "work"))
     assert set(result["targets"]) == {"driver_peak_growth", "driver_peak", "first_part_file", "driver_runs_complete"}
@@ -143,8 +158,8 @@ PGS_TRAIN_KEYS = {"benchmark", "images_per_s_mask_0.0", "images_per_s_mask_0.5",
                   "kept_tokens_mask_0.0", "kept_tokens_mask_0.5", "target_speedup_mask_0.5", "ok"}
 
 
-def test_pgs_train_bench_smoke():
-    _, result, _ = _bench("pgs-train", *TINY, "--batch-size", "4", "--repeats", "1")
+def test_pgs_train_bench_smoke(capsys):
+    _, result, _ = _bench(capsys, "pgs-train", *TINY, "--batch-size", "4", "--repeats", "1")
     assert result["benchmark"] == "pgs-train"
     assert PGS_TRAIN_KEYS <= set(result)
     assert result["kept_tokens_mask_0.0"] == 16 and result["kept_tokens_mask_0.5"] == 8  # 4x4 patch grid

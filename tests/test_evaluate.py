@@ -1,11 +1,12 @@
 """``bifta evaluate``: every method from one encoding pass, on real ImageNet photos.
 
 Runs the real Ray pipeline once (12 photos of ``../shared/datasets/imagenet-sample``, the tiny
-random-weight ViT, 10 views per image and preset) against the 1000 ImageNet classes of
+random-weight ViT, 10 views per image and preset) against the first 100 ImageNet classes of
 ``../shared/descriptions/imagenet``. A second, smaller run (6 photos, 60 classes) is compared with
-``bifta label --method clip|wca|bifta`` on the same images, seed and model. To keep text encoding affordable on a small CPU the label set
-is a copy with the first 6 CuPL sentences, 3 descriptors and 3 templates per class (the tiny model
-encodes ~800 texts/s; the full files hold ~117k texts). With random weights accuracies are
+``bifta label --method clip|wca|bifta`` on the same images, seed and model. To keep text encoding
+affordable on a small CPU the label set keeps the first 6 CuPL sentences, 3 descriptors and 3
+templates per class (the tiny model encodes ~800 texts/s; the 1000 classes' full files hold ~117k
+texts, and WaffleCLIP adds 30 per class). With random weights accuracies are
 meaningless, so the tests check structure and the identities that must hold exactly.
 """
 
@@ -26,6 +27,7 @@ from bifta_core.errors import InputError
 from bifta_core.evaluation.embeddings import embeddings_to_batch, meta_presets
 from bifta_core.evaluation.metrics import ImageBatch, ViewSet, map_labels, method_names, scores_for, select_methods
 from bifta_core.method.prediction import ScoreParams
+from pipeline_helpers import write_imagenet_subset
 
 N_IMAGES = 12
 MODEL_FLAGS = ["--model", "bifta-tiny-vit", "--pretrained", "random", "--device", "cpu"]
@@ -35,17 +37,9 @@ VIEW_FLAGS = ["--num-views", "10", "--iou-threshold", "0.3", "--seed", "3"]
 
 def write_imagenet_label_set(descriptions_dir: Path, dest: Path, *, sentences: int = 6, descriptors: int = 3,
                              templates: int = 3) -> Path:
-    """Copy of the published ImageNet label set with fewer texts per class (all 1000 classes)."""
-    src = descriptions_dir / "imagenet"
-    dest.mkdir(parents=True, exist_ok=True)
-    (dest / "classes.json").write_text((src / "classes.json").read_text())
-    cupl = json.loads((src / "cupl.json").read_text())
-    (dest / "cupl.json").write_text(json.dumps({k: v[:sentences] for k, v in cupl.items()}))
-    clip_d = json.loads((src / "clip-d.json").read_text())
-    (dest / "clip-d.json").write_text(json.dumps({k: v[:descriptors] for k, v in clip_d.items()}))
-    clip_e = json.loads((src / "clip-e.json").read_text())
-    (dest / "clip-e.json").write_text(json.dumps(clip_e[:templates]))
-    return dest
+    """The published ImageNet label set's first 100 classes, with fewer texts per class."""
+    return write_imagenet_subset(descriptions_dir, dest, 100, per_class={
+        "cupl.json": sentences, "clip-d.json": descriptors, "clip-e.json": templates})
 
 
 def write_manifest(imagenet_sample: Path, dest: Path, n: int = N_IMAGES, extra: list[tuple[str, str]] = ()) -> Path:
@@ -304,13 +298,13 @@ def test_from_embeddings_refuses_another_model(evaluated: Path, label_set: Path,
     assert "view settings are fixed" in capsys.readouterr().err
 
 
-def test_clip_e_with_the_clip_prompt_as_only_template_equals_clip(evaluated: Path, descriptions_dir: Path,
+def test_clip_e_with_the_clip_prompt_as_only_template_equals_clip(evaluated: Path, label_set: Path,
                                                                    work: Path) -> None:
     from jobs.evaluate import main
 
     ls = work / "clip-prompt-only"
     ls.mkdir()
-    (ls / "classes.json").write_text((descriptions_dir / "imagenet" / "classes.json").read_text())
+    (ls / "classes.json").write_text((label_set / "classes.json").read_text())
     (ls / "clip-e.json").write_text(json.dumps(["a photo of a {}."]))
     out = work / "clip-e-eval"
     rc = main(["--from-embeddings", str(evaluated), "--labels", str(ls), "--out", str(out),

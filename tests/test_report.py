@@ -1,8 +1,8 @@
 """``bifta report``: polars analytics over a ``bifta label`` output folder.
 
 The end-to-end tests label 10 photos of ``../shared/datasets/imagenet-sample`` plus a missing file
-and a corrupt one, against the 1000 ImageNet classes (a copy of ``../shared/descriptions/imagenet``;
-CLIP needs only the class prompts) and a three-class list, with the tiny random-weight ViT. The
+and a corrupt one, against the first 100 ImageNet classes (from ``../shared/descriptions/imagenet``;
+CLIP needs only the class prompts, CLIP-E its default templates) and a three-class list, with the tiny random-weight ViT. The
 analytics functions are also checked on a hand-made table where every number is known.
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import shutil
 from pathlib import Path
 
 import polars as pl
@@ -19,6 +18,7 @@ import pytest
 
 from bifta_core.review import analytics
 from bifta_core.errors import ConfigError, InputError
+from tests.pipeline_helpers import write_imagenet_subset
 from tests.s3_server import S3Server
 
 N_PHOTOS = 10
@@ -49,10 +49,7 @@ def manifest(imagenet_sample: Path, work: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def imagenet_classes(descriptions_dir: Path, work: Path) -> Path:
-    dest = work / "imagenet-classes"
-    dest.mkdir()
-    shutil.copy(descriptions_dir / "imagenet" / "classes.json", dest / "classes.json")
-    return dest
+    return write_imagenet_subset(descriptions_dir, work / "imagenet-classes", files=["classes.json"])
 
 
 def _label(manifest: Path, labels: Path, out: Path, method: str, cache: Path) -> Path:

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from bifta_core.errors import ConfigError
 from bifta_core.method.training import (MAX_LOGIT_SCALE, TrainConfig, Trainer, cosine_lr_lambda, decode_train_image,
                                  param_groups, sample_index)
+from pipelines.pipeline import EMBEDDED_RAY_SYSTEM_CONFIG
 from tests.pipeline_helpers import REPO_ROOT, cli_env
 from tests.train_helpers import CLASSES, make_sample, png_bytes, write_dataset
 
@@ -51,7 +52,8 @@ def ray_local():
     started = not ray.is_initialized()
     if started:
         # 3 logical CPUs: two training workers plus one decode task at a time
-        ray.init(num_cpus=3, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+        ray.init(num_cpus=3, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
+                 _system_config=EMBEDDED_RAY_SYSTEM_CONFIG)
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False
