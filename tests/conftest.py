@@ -18,6 +18,19 @@ pytest_plugins = ["tests.s3_server"]
 SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"
 
 
+#: Test modules taking a minute or more, longest first (``pytest --durations``). pyproject runs the
+#: suite on two pytest-xdist workers that take whole modules in collection order; starting with the
+#: longest keeps one worker from running a long module alone at the end. The rest follow in file order.
+LONGEST_FIRST = ("test_bench.py", "test_s3_pipeline.py", "test_pipeline.py", "test_data_plane.py", "test_train.py",
+                 "test_model_families.py", "test_jobs.py", "test_cascade.py", "test_relabel.py", "test_evaluate.py",
+                 "test_cluster_submit.py", "test_review.py", "test_report.py")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: test order within a module kept
+
+
 @pytest.fixture(scope="session")
 def _ray_session():
     """Shuts down, at the end of the session, the local Ray the modules share."""

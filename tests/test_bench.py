@@ -55,7 +55,7 @@ def _bench(capsys, *argv: str) -> tuple[int, dict, str]:
     return _verdict(code, out, err)
 
 
-def _bench_process(*argv: str, timeout: float = 150) -> tuple[int, dict, str]:
+def _bench_process(*argv: str, timeout: float = 400) -> tuple[int, dict, str]:
     """``python -m jobs.bench ARGV`` as a command (its own embedded Ray, if it starts one)."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # never join someone's cluster
     proc = subprocess.run([sys.executable, "-m", "jobs.bench", *argv], cwd=ROOT, env=env, capture_output=True,
