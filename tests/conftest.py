@@ -31,6 +31,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: test order within a module kept
 
 
+@pytest.fixture(autouse=True)
+def _bifta_logging_from_scratch():
+    """Each test starts with Python's default logging levels (root WARNING, bifta's loggers inheriting
+    it): an in-process command (``--quiet``) or a stage built in this process
+    (``pipelines.plan.quiet_worker``) changes them process-wide, and a ``caplog`` test that ran after
+    one would miss bifta's warnings."""
+    import logging
+
+    logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger("bifta").setLevel(logging.NOTSET)
+    yield
+
+
 @pytest.fixture(scope="session")
 def _ray_session():
     """Shuts down, at the end of the session, the local Ray the modules share."""
