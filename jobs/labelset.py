@@ -21,7 +21,7 @@ from bifta_core.io.models import load_model, text_precision
 from bifta_core.method.text_banks import BankSpec, build_label_set_embeddings
 from bifta_core.method.waffle import words_location
 
-logger = logging.getLogger("bifta.labelset")
+logger = logging.getLogger("bifta.label_set")
 
 
 def available_specs(label_set: LabelSet, threshold: float, top_k: int, *, seed: int = 0,

@@ -30,7 +30,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from bifta_core.errors import LabelSetError
 
-logger = logging.getLogger("bifta.labelsets")
+logger = logging.getLogger("bifta.label_set")
 
 CLASSES_FILE = "classes.json"
 SENTENCES_FILE = "cupl.json"
