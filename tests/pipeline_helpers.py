@@ -146,8 +146,9 @@ def write_imagenet_subset(descriptions_dir: Path, dest: Path, classes: int = 100
                           per_class: dict[str, int] | None = None) -> Path:
     """The published ImageNet label set's first ``classes`` classes (in ``dest``), keeping each of
     ``files`` that exists; ``per_class`` caps the texts per class of a file (``{"cupl.json": 6}``)
-    or the templates of ``clip-e.json``. The first 60 sample photos' classes are among the first 100;
-    the 1000 classes' texts would cost tests minutes of text encoding on a small CPU."""
+    or the templates of ``clip-e.json``. The sample photos are of every fifth class, so the first 20
+    photos' classes are among the first 100; the 1000 classes' texts would cost tests minutes of text
+    encoding on a small CPU."""
     src = descriptions_dir / "imagenet"
     dest.mkdir(parents=True, exist_ok=True)
     names = json.loads((src / "classes.json").read_text())[:classes]
@@ -196,7 +197,8 @@ def plain_type(t: pa.DataType) -> bool:
 
 # ---------------------------------------------------------------------------------------------- CLI
 def cli_env() -> dict[str, str]:
-    """Environment for a ``python -m jobs.label`` subprocess: its own embedded Ray, repo importable."""
+    """Environment for a ``python -m jobs.<command>`` subprocess: its own embedded Ray (never a cluster in
+    RAY_ADDRESS), repo importable."""
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)

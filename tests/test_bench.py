@@ -11,7 +11,6 @@ flag run as real commands.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 
 from bifta_core.errors import ConfigError
 from jobs import bench
+from pipeline_helpers import cli_env
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = ROOT.parent / "shared" / "datasets" / "imagenet-sample" / "images"
@@ -57,8 +57,7 @@ def _bench(capsys, *argv: str) -> tuple[int, dict, str]:
 
 def _bench_process(*argv: str, timeout: float = 400) -> tuple[int, dict, str]:
     """``python -m jobs.bench ARGV`` as a command (its own embedded Ray, if it starts one)."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # never join someone's cluster
-    proc = subprocess.run([sys.executable, "-m", "jobs.bench", *argv], cwd=ROOT, env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "jobs.bench", *argv], cwd=ROOT, env=cli_env(), capture_output=True,
                           text=True, timeout=timeout)
     return _verdict(proc.returncode, proc.stdout, proc.stderr)
 

@@ -18,7 +18,7 @@ import pytest
 
 from bifta_core.review import analytics
 from bifta_core.errors import ConfigError, InputError
-from tests.pipeline_helpers import write_imagenet_subset
+from pipeline_helpers import write_imagenet_subset
 from tests.s3_server import S3Server
 
 N_PHOTOS = 10
