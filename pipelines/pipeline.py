@@ -26,7 +26,8 @@ from bifta_core.config import LabelConfig
 from bifta_core.method.registry import METHODS, ViewPreset
 from bifta_core.errors import BiftaUserError, ConfigError, StorageError
 from bifta_core.io.saved_embeddings import SAVED_DIR, SAVED_FORMAT
-from bifta_core.io.models import config_fingerprint, is_vit_architecture, model_preprocess, model_provenance
+from bifta_core.io.models import (check_hub_text_files, config_fingerprint, is_vit_architecture, model_preprocess,
+                                   model_provenance)
 from pipelines.encode import EncodeStage
 from pipelines.inputs import Listing, ListingOptions, build_listing, normalise_spec, plan_sources, read_listing, shards_stage
 from pipelines.label_sets import bank_specs, default_cache_dir, first_stage_spec, load_label_sets, plan_label_sets, prepare_label_sets
@@ -246,6 +247,7 @@ def run_label_job(config: LabelConfig, *, on_progress: Callable[[dict], None] | 
     listing = read_listing(config.out)
     _check_listing(listing, config)
     sources = plan_sources(config.input) if listing is None else None  # a missing INPUT fails before Ray
+    check_hub_text_files(config.model.model.replace("/", "-"))  # a hub tokenizer that cannot be had, too
     ensure_ray()
     try:
         # A fresh OUT (no run file) has no settings to clash with: its listing runs on the workers

@@ -21,9 +21,9 @@ SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"
 #: Test modules taking a minute or more, longest first (``pytest --durations``). pyproject runs the
 #: suite on two pytest-xdist workers that take whole modules in collection order; starting with the
 #: longest keeps one worker from running a long module alone at the end. The rest follow in file order.
-LONGEST_FIRST = ("test_bench.py", "test_s3_pipeline.py", "test_pipeline.py", "test_data_plane.py", "test_train.py",
-                 "test_model_families.py", "test_jobs.py", "test_cascade.py", "test_relabel.py", "test_evaluate.py",
-                 "test_cluster_submit.py", "test_review.py", "test_report.py")
+LONGEST_FIRST = ("test_train.py", "test_pipeline.py", "test_model_families.py", "test_bench.py", "test_s3_pipeline.py",
+                 "test_data_plane.py", "test_relabel.py", "test_cascade.py", "test_evaluate.py",
+                 "test_cluster_submit.py", "test_jobs.py", "test_review.py", "test_report.py")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -4,12 +4,13 @@ The benchmarks run for real but tiny (``bifta-tiny-vit``, 64-px inputs, a handfu
 their targets may well be missed: exit 1 is as good as 0 here. What is checked is the contract:
 the benchmark ends normally, its last stdout line is one JSON object with the documented keys, and
 a bad flag is one ``error:`` line with exit 2 before any work starts. They run in this process, on
-the tests' shared Ray; the scaling driver case (which starts label commands of its own) and a bad
-flag run as real commands.
+the tests' shared Ray; the scaling driver case runs one of its two sizes (two label commands of its
+own), and one bad flag is given on a real command line.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -53,13 +54,6 @@ def _bench(capsys, *argv: str) -> tuple[int, dict, str]:
     code = bench.main(list(argv))
     out, err = capsys.readouterr()
     return _verdict(code, out, err)
-
-
-def _bench_process(*argv: str, timeout: float = 400) -> tuple[int, dict, str]:
-    """``python -m jobs.bench ARGV`` as a command (its own embedded Ray, if it starts one)."""
-    proc = subprocess.run([sys.executable, "-m", "jobs.bench", *argv], cwd=ROOT, env=cli_env(), capture_output=True,
-                          text=True, timeout=timeout)
-    return _verdict(proc.returncode, proc.stdout, proc.stderr)
 
 
 @pytest.fixture(scope="module")
@@ -139,18 +133,57 @@ def test_scaling_bench_smoke(local_ray, tmp_path, capsys):
     assert result["targets"]["no_error_rows"]["ok"] is True
 
 
-def test_scaling_bench_driver_case_smoke(tmp_path):
-    """The driver case on small manifests: a fresh run stopped at its first part file, then a resume of
-    a mostly-finished OUT run to the end; driver figures for both sizes and the four targets."""
-    _, result, _ = _bench_process("scaling", "--only", "driver", "--driver-rows", "300,600", "--driver-shard-size", "100",
-                          "--driver-left-shards", "1", "--driver-model", "bifta-tiny-vit",
-                          "--work-dir", str(tmp_path / "work"))
-    assert set(result["targets"]) == {"driver_peak_growth", "driver_peak", "first_part_file", "driver_runs_complete"}
-    assert [d["rows"] for d in result["driver"]] == [300, 600]
-    for d in result["driver"]:
-        assert d["resume_rc"] == 0 and d["fresh_peak_rss_mb"] > 100 and d["resume_peak_rss_mb"] > 100
-        assert 0 < d["first_part_s"] < 300
-    assert result["targets"]["driver_runs_complete"]["ok"] is True
+def _driver_args(*argv: str):
+    import argparse
+
+    from jobs.bench_scaling import add_scaling_arguments
+
+    parser = argparse.ArgumentParser()
+    add_scaling_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_scaling_bench_driver_case_smoke(tmp_path, monkeypatch):
+    """One size of the driver case, for real: a ``bifta label`` command stopped at its first part file,
+    then the same command resuming a mostly-finished OUT to the end, each watched for its peak RSS.
+    (``bench scaling --only driver`` runs this for both sizes and compares them with ``driver_targets``,
+    tested below without the four commands it would cost.)"""
+    from jobs.bench_scaling import generate_label_set, run_driver_case
+
+    for key, value in cli_env().items():  # the commands' own embedded Ray, repo importable
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.chdir(ROOT)
+    args = _driver_args("--driver-shard-size", "100", "--driver-left-shards", "1", "--driver-model", "bifta-tiny-vit")
+    work = tmp_path / "work"
+    work.mkdir()
+    labels = generate_label_set(str(work / "labelset"))
+    figures = run_driver_case(str(work), 300, args, labels, str(work / "labelset-cache"))
+    assert figures.rows == 300 and figures.resume_rc == 0
+    assert figures.fresh_peak_rss_mb > 100 and figures.resume_peak_rss_mb > 100
+    assert figures.peak_rss_mb == max(figures.fresh_peak_rss_mb, figures.resume_peak_rss_mb)
+    assert 0 < figures.first_part_s < 300 and 0 < figures.resume_first_part_s <= figures.resume_total_s
+    assert not (work / "driver-out-300").exists() and not (work / "driver-300.parquet").exists()  # cleaned up
+
+
+def test_scaling_bench_driver_targets():
+    from jobs.bench_scaling import DriverFigures, driver_targets
+
+    args = _driver_args("--driver-max-growth-mb", "50", "--driver-max-peak-mb", "1200",
+                        "--driver-max-first-part-s", "20")
+    small = DriverFigures(rows=300, fresh_peak_rss_mb=400.0, first_part_s=5.0, resume_peak_rss_mb=420.0,
+                          resume_first_part_s=4.0, resume_total_s=6.0, resume_rc=0)
+    large = DriverFigures(rows=600, fresh_peak_rss_mb=430.0, first_part_s=6.0, resume_peak_rss_mb=465.0,
+                          resume_first_part_s=4.0, resume_total_s=7.0, resume_rc=0)
+    targets = driver_targets(small, large, args)
+    assert set(targets) == {"driver_peak_growth", "driver_peak", "first_part_file", "driver_runs_complete"}
+    assert targets["driver_peak_growth"]["mb"] == 45.0 and all(t["ok"] for t in targets.values())
+    assert targets["driver_runs_complete"]["rc"] == {300: 0, 600: 0}
+    worse = dataclasses.replace(large, resume_peak_rss_mb=480.0, first_part_s=25.0, resume_rc=-9)
+    failed = {name for name, t in driver_targets(small, worse, args).items() if not t["ok"]}
+    assert failed == {"driver_peak_growth", "first_part_file", "driver_runs_complete"}
+    # only the large size's peak counts against --driver-max-peak-mb
+    assert not driver_targets(small, large, _driver_args("--driver-max-peak-mb", "450"))["driver_peak"]["ok"]
 
 
 PGS_TRAIN_KEYS = {"benchmark", "images_per_s_mask_0.0", "images_per_s_mask_0.5", "speedup_mask_0.5",

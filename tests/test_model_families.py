@@ -107,11 +107,11 @@ def _hub_tokenizer_available(repo: str) -> bool:
     return importlib.util.find_spec("transformers") is not None and _hf_cached(repo)
 
 
-# The CLI label process costs a Ray start (~15 s): one family takes that path, both take evaluate's.
 @pytest.mark.parametrize("family,job", [("SigLIP", "label"), ("SigLIP", "evaluate"), ("SigLIP 2", "evaluate")])
 def test_hub_tokenizer_family_is_one_error_line(family, job, data, tmp_path, monkeypatch, capsys):
-    """``label`` runs as a real CLI process (the model is first inspected in a Ray task there);
-    ``evaluate`` in this process (it asks for the model identity on the driver), to save a Ray start."""
+    """``label`` runs as a real CLI process, whose driver checks the model's config file before Ray
+    starts (it never imports open_clip); ``evaluate`` in this process (it asks for the model identity
+    on the driver)."""
     arch, repo = HUB_TOKENIZER_FAMILIES[family]
     if _hub_tokenizer_available(repo):
         pytest.skip(f"{repo} is cached and transformers is installed here: {arch} would run, not fail")
@@ -122,6 +122,7 @@ def test_hub_tokenizer_family_is_one_error_line(family, job, data, tmp_path, mon
         proc = subprocess.run([sys.executable, "-m", "jobs.label", *args, "--method", "wca"], cwd=REPO_ROOT,
                               env=env, capture_output=True, text=True, timeout=240)
         rc, stderr = proc.returncode, proc.stderr
+        assert "Ray" not in stderr and not any((tmp_path / "out").iterdir())  # refused before Ray, nothing written
     else:
         from jobs.evaluate import main as evaluate
 

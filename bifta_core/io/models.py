@@ -125,13 +125,30 @@ def _hf_offline(enabled: bool):
             hf_constants.HF_HUB_OFFLINE = old_flag
 
 
+def _open_clip_config(arch: str) -> dict | None:
+    """open_clip's config of ``arch``: from its registry once open_clip is imported, else from the
+    file open_clip ships for it (``open_clip/model_configs``), read without importing open_clip, so
+    a label driver (which never imports it) can check a model before Ray starts. None when unknown."""
+    import sys
+
+    if "open_clip" in sys.modules:
+        return sys.modules["open_clip"].get_model_config(arch)
+    import importlib.util
+
+    spec = importlib.util.find_spec("open_clip")  # finds the package without running its __init__
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = os.path.join(folder, "model_configs", f"{arch}.json")
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as fh:
+                return json.load(fh)
+    return None
+
+
 def _hub_text_parts(arch: str) -> list[tuple[str, str]]:
     """``[(what, repo)]`` of the text side that open_clip loads from the Hugging Face hub for ``arch``
     (with ``transformers``): an ``hf_tokenizer_name`` (SigLIP, SigLIP 2, CLIPA…) and an
     ``hf_model_name`` text tower. Empty for architectures on open_clip's bundled CLIP tokenizer."""
-    import open_clip
-
-    text = (open_clip.get_model_config(arch) or {}).get("text_cfg", {})
+    text = (_open_clip_config(arch) or {}).get("text_cfg", {})
     parts = []
     for key, what in (("hf_tokenizer_name", "tokenizer"), ("hf_model_name", "text model")):
         repo = text.get(key)
