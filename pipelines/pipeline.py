@@ -247,7 +247,7 @@ def run_label_job(config: LabelConfig, *, on_progress: Callable[[dict], None] | 
     listing = read_listing(config.out)
     _check_listing(listing, config)
     sources = plan_sources(config.input) if listing is None else None  # a missing INPUT fails before Ray
-    check_hub_text_files(config.model.model.replace("/", "-"))  # a hub tokenizer that cannot be had, too
+    check_hub_text_files(config.model.model)  # a hub tokenizer that cannot be had, too
     ensure_ray()
     try:
         # A fresh OUT (no run file) has no settings to clash with: its listing runs on the workers

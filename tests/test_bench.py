@@ -150,9 +150,8 @@ def test_scaling_bench_driver_case_smoke(tmp_path, monkeypatch):
     tested below without the four commands it would cost.)"""
     from jobs.bench_scaling import generate_label_set, run_driver_case
 
-    for key, value in cli_env().items():  # the commands' own embedded Ray, repo importable
+    for key, value in cli_env().items():  # the environment the commands inherit (run_driver_case drops RAY_ADDRESS)
         monkeypatch.setenv(key, value)
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.chdir(ROOT)
     args = _driver_args("--driver-shard-size", "100", "--driver-left-shards", "1", "--driver-model", "bifta-tiny-vit")
     work = tmp_path / "work"

@@ -417,6 +417,7 @@ def test_driver_killed_then_rerun_gives_exactly_one_row_per_input(moment: str, r
     and once the first shard is published while others are in flight; then the same command again
     (in this process, on the shared Ray: the rerun's own Ray start is not what is tested)."""
     from jobs.label import main
+
     out = tmp_path / "out"
     args = [images, "--out", out, "--pretrained", tiny_vit_checkpoint, *FLAGS]
     reached = {"listed": lambda: (out / "_bifta_inputs" / "_index.json").exists() and not part_paths(out),

@@ -125,6 +125,11 @@ def _hf_offline(enabled: bool):
             hf_constants.HF_HUB_OFFLINE = old_flag
 
 
+def architecture_name(model_name: str) -> str:
+    """open_clip's name of the ``--model`` architecture (``ViT-B/32`` is spelt ``ViT-B-32``)."""
+    return model_name.replace("/", "-")
+
+
 def _open_clip_config(arch: str) -> dict | None:
     """open_clip's config of ``arch``: from its registry once open_clip is imported, else from the
     file open_clip ships for it (``open_clip/model_configs``), read without importing open_clip, so
@@ -169,13 +174,14 @@ def _hf_cached(repo: str) -> bool:
         return False
 
 
-def check_hub_text_files(arch: str) -> None:
-    """Fail with one :class:`ModelLoadError` line, before any model is built, when ``arch``'s
+def check_hub_text_files(model_name: str) -> None:
+    """Fail with one :class:`ModelLoadError` line, before any model is built, when ``model_name``'s
     tokenizer (or HF text tower) must come from the Hugging Face hub and cannot: the
     ``transformers`` package is missing, or the files are not cached and the hub is unreachable
     (or ``HF_HUB_OFFLINE`` is set). A no-op for architectures on the bundled CLIP tokenizer."""
     import importlib.util
 
+    arch = architecture_name(model_name)
     parts = _hub_text_parts(arch)
     if not parts:
         return
@@ -746,7 +752,7 @@ def build_clip(arch: str, source: str | None, activation: str, cache_dir: str | 
 
 def _check_arch(model_name: str) -> str:
     register_bundled_configs()
-    arch = model_name.replace("/", "-")
+    arch = architecture_name(model_name)
     if arch not in _known_architectures():
         raise ModelLoadError(
             f"unknown model architecture '{model_name}' (--model); see open_clip.list_models() for names"
@@ -836,7 +842,7 @@ def model_preprocess(model_name: str, pretrained: str = RANDOM_WEIGHTS) -> dict:
     from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 
     register_bundled_configs()
-    arch = model_name.replace("/", "-")
+    arch = architecture_name(model_name)
     model_cfg = open_clip.get_model_config(arch) or {}
     cfg = merge_preprocess_dict(dataclasses.asdict(PreprocessCfg()), model_cfg.get("preprocess_cfg", {}))
     tag = _canonical_tag(arch, pretrained) if pretrained else None
@@ -857,5 +863,5 @@ def is_vit_architecture(model_name: str) -> bool:
     import open_clip
 
     register_bundled_configs()
-    vision = (open_clip.get_model_config(model_name.replace("/", "-")) or {}).get("vision_cfg", {})
+    vision = (open_clip.get_model_config(architecture_name(model_name)) or {}).get("vision_cfg", {})
     return isinstance(vision.get("layers"), int) and "timm_model_name" not in vision
