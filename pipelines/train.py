@@ -279,6 +279,23 @@ class MetricsLog:
 
 
 # ------------------------------------------------------------------------------------ worker loop
+def rank_zero_decides(flag: bool, device) -> bool:
+    """Rank 0's ``flag`` on every rank (a broadcast when the run has several DDP ranks).
+
+    ``ray.train.report`` is a barrier across ranks, so every rank must call it at the same steps.
+    A decision taken from each rank's own clock differs now and then by a step: one rank then
+    waits in the report barrier while the other waits in DDP's next collective, forever.
+    """
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    value = torch.tensor([int(flag)], dtype=torch.int32, device=device)
+    dist.broadcast(value, src=0)
+    return bool(value.item())
+
+
 def train_loop(loop: dict[str, Any]) -> None:
     """``train_loop_per_worker``: one DDP rank of the run (Ray Train calls it on every worker)."""
     import ray.train
@@ -344,7 +361,8 @@ def train_loop(loop: dict[str, Any]) -> None:
         # steps/s; report at checkpoints, at the end, and at most every REPORT_EVERY_S seconds.
         # Every step is in metrics.csv regardless.
         done = trainer.step >= plan.total_steps
-        if done or result.step % cfg.checkpoint_every == 0 or time.time() - last_report >= REPORT_EVERY_S:
+        timed = rank_zero_decides(time.time() - last_report >= REPORT_EVERY_S, device)
+        if done or result.step % cfg.checkpoint_every == 0 or timed:
             ray.train.report(row)
             last_report = time.time()
         if done:

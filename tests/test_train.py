@@ -189,6 +189,33 @@ def test_config_validation_names_the_flag() -> None:
         TrainConfig.from_dict({"bogus": 1})
 
 
+def _report_decisions_on_rank(rank: int, init_file: str, flags: list[list[bool]], out: str) -> None:
+    import torch.distributed as dist
+
+    from pipelines.train import rank_zero_decides
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=len(flags))
+    try:
+        got = [rank_zero_decides(flag, torch.device("cpu")) for flag in flags[rank]]
+    finally:
+        dist.destroy_process_group()
+    Path(out, f"rank-{rank}.json").write_text(json.dumps(got))
+
+
+def test_every_rank_reports_at_the_steps_rank_zero_chose(tmp_path: Path) -> None:
+    """``ray.train.report`` is a barrier: ranks whose clocks disagree on "10 s since the last report"
+    must still report at the same steps (else one waits in the barrier, the other in DDP, forever)."""
+    from pipelines.train import rank_zero_decides
+
+    assert rank_zero_decides(True, torch.device("cpu")) is True  # one process: its own decision
+    assert rank_zero_decides(False, torch.device("cpu")) is False
+    flags = [[True, False, True, False], [False, True, True, False]]  # each rank's own clock
+    torch.multiprocessing.spawn(_report_decisions_on_rank, args=(str(tmp_path / "rendezvous"), flags, str(tmp_path)),
+                                nprocs=2)
+    got = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in range(2)]
+    assert got == [flags[0], flags[0]]
+
+
 # ---------------------------------------------------------------------------------------------- train → label
 def test_train_on_two_workers_then_label_far_above_chance(ray_local, data, tmp_path: Path) -> None:
     """Two DDP workers, each 2 micro-batches of 16 per step (global batch 64): they end with identical
