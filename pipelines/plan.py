@@ -57,23 +57,28 @@ class StartGate:
 
     On a few cores, stages reading ahead while the actors import torch and load weights only slow
     that start-up down; held, the actors of every pool start together and the first tasks' worker
-    processes boot meanwhile. An async Ray actor: ``wait`` calls wait together, ``open`` is idempotent
-    (a restarted encoder opens it again). Without an ``open`` the wait ends after ``timeout_s``.
+    processes boot meanwhile. An async Ray actor serving every pass of a driver
+    (:func:`pass_start_gate_ticket`), each pass under its own key: an actor per pass cost a new
+    worker process (~1 s of CPU) per run. ``wait`` calls wait together, ``open`` is idempotent (a
+    restarted encoder opens it again). Without an ``open`` the wait ends after ``timeout_s``.
     """
 
     def __init__(self) -> None:
+        self._opened: dict[str, Any] = {}  # pass key -> asyncio.Event (a few bytes a pass)
+
+    def _event(self, key: str):
         import asyncio
 
-        self._opened = asyncio.Event()
+        return self._opened.setdefault(key, asyncio.Event())
 
-    async def open(self) -> None:
-        self._opened.set()
+    async def open(self, key: str) -> None:
+        self._event(key).set()
 
-    async def wait(self, timeout_s: float) -> bool:
+    async def wait(self, key: str, timeout_s: float) -> bool:
         import asyncio
 
         try:
-            await asyncio.wait_for(self._opened.wait(), timeout_s)
+            await asyncio.wait_for(self._event(key).wait(), timeout_s)
             return True
         except asyncio.TimeoutError:
             return False
@@ -81,24 +86,43 @@ class StartGate:
 
 #: How long the first stage waits for an encoder before it starts anyway (slow weight downloads).
 START_GATE_TIMEOUT_S = 600.0
-_gate_passed = False  # per worker process: once through, later batches do not ask again
+_gates_passed: set[str] = set()  # per worker process: the passes whose gate it went through already
+_driver_gate: dict[tuple[str, str], Any] = {}  # (Ray job, node) of this driver -> its StartGate actor
 
 
-def pass_start_gate(gate: Any) -> None:
-    """In a ``wait`` stage: block until the gate opens (once per worker process)."""
-    global _gate_passed
-    if gate is None or _gate_passed:
+def pass_start_gate_ticket() -> tuple[Any, str]:
+    """(this driver's :class:`StartGate`, a new pass key): what a pass's stages get as ``start_gate``.
+
+    The actor is made on a driver's first gated pass and kept for the later ones; a new Ray session
+    (a new job or node id) gets a new one."""
+    import uuid
+
+    import ray
+
+    ctx = ray.get_runtime_context()
+    session = (ctx.get_job_id(), ctx.get_node_id())
+    if session not in _driver_gate:
+        _driver_gate.clear()  # the actor of an earlier session died with it
+        _driver_gate[session] = ray.remote(StartGate).options(num_cpus=0).remote()
+    return _driver_gate[session], uuid.uuid4().hex
+
+
+def pass_start_gate(gate: tuple[Any, str] | None) -> None:
+    """In a ``wait`` stage: block until the pass's gate opens (once per worker process and pass)."""
+    if gate is None or gate[1] in _gates_passed:
         return
     import ray
 
-    ray.get(gate.wait.remote(START_GATE_TIMEOUT_S))
-    _gate_passed = True
+    actor, key = gate
+    ray.get(actor.wait.remote(key, START_GATE_TIMEOUT_S))
+    _gates_passed.add(key)
 
 
-def open_start_gate(gate: Any) -> None:
+def open_start_gate(gate: tuple[Any, str] | None) -> None:
     """In an ``open`` stage's ``__init__``, once the model is loaded."""
     if gate is not None:
-        gate.open.remote()
+        actor, key = gate
+        actor.open.remote(key)
 
 
 @dataclass(frozen=True)
@@ -366,7 +390,7 @@ def _run_pass(out: str, todo: list[tuple[str, int]], stages: Sequence[Stage], n_
     # An embedded run holds its first stage until an encoder is up (see StartGate); a cluster's
     # GPU nodes may take minutes to come up, and reading ahead meanwhile costs it nothing.
     gated = {"wait", "open"} <= {s.start_gate for s in stages}  # something waits, and something opens
-    gate = ray.remote(StartGate).options(num_cpus=0).remote() if gated and is_embedded() else None
+    gate = pass_start_gate_ticket() if gated and is_embedded() else None
     stages = [_with_gate(stage, gate) for stage in stages]
     try:
         configure_data_context()

@@ -476,14 +476,21 @@ def test_shard_blocks_put_the_first_shards_alone_and_cap_the_rest():
 def test_start_gate_holds_waiters_until_opened_and_times_out(ray_local) -> None:
     import ray
 
-    from pipelines.plan import StartGate
+    from pipelines.plan import open_start_gate, pass_start_gate_ticket
 
-    gate = ray.remote(StartGate).options(num_cpus=0).remote()
-    assert ray.get(gate.wait.remote(0.2)) is False  # nobody opened it: the wait ends by its timeout
-    waiter = gate.wait.remote(30.0)
-    ready, _ = ray.wait([waiter], timeout=0.5)
+    first, second = pass_start_gate_ticket(), pass_start_gate_ticket()
+    gate, key = first
+    assert second[0]._actor_id == gate._actor_id and second[1] != key  # one actor, a key per pass
+    assert ray.get(gate.wait.remote(key, 0.2)) is False  # nobody opened it: the wait ends by its timeout
+    waiter = gate.wait.remote(key, 30.0)
+    other = gate.wait.remote(second[1], 30.0)
+    ready, _ = ray.wait([waiter, other], timeout=0.5)
     assert not ready  # still held
-    gate.open.remote()
+    open_start_gate(first)
     assert ray.get(waiter, timeout=10) is True
-    gate.open.remote()  # a restarted encoder opens it again: harmless
-    assert ray.get(gate.wait.remote(0.1)) is True
+    ready, _ = ray.wait([other], timeout=0.5)
+    assert not ready  # another pass's gate stays shut
+    open_start_gate(first)  # a restarted encoder opens it again: harmless
+    assert ray.get(gate.wait.remote(key, 0.1)) is True
+    open_start_gate(second)
+    assert ray.get(other, timeout=10) is True
