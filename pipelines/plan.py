@@ -58,7 +58,7 @@ class StartGate:
     On a few cores, stages reading ahead while the actors import torch and load weights only slow
     that start-up down; held, the actors of every pool start together and the first tasks' worker
     processes boot meanwhile. An async Ray actor serving every pass of a driver
-    (:func:`pass_start_gate_ticket`), each pass under its own key: an actor per pass cost a new
+    (:func:`start_gate_for_pass`), each pass under its own key: an actor per pass cost a new
     worker process (~1 s of CPU) per run. ``wait`` calls wait together, ``open`` is idempotent (a
     restarted encoder opens it again). Without an ``open`` the wait ends after ``timeout_s``.
     """
@@ -90,7 +90,7 @@ _gates_passed: set[str] = set()  # per worker process: the passes whose gate it 
 _driver_gate: dict[tuple[str, str], Any] = {}  # (Ray job, node) of this driver -> its StartGate actor
 
 
-def pass_start_gate_ticket() -> tuple[Any, str]:
+def start_gate_for_pass() -> tuple[Any, str]:
     """(this driver's :class:`StartGate`, a new pass key): what a pass's stages get as ``start_gate``.
 
     The actor is made on a driver's first gated pass and kept for the later ones; a new Ray session
@@ -390,7 +390,7 @@ def _run_pass(out: str, todo: list[tuple[str, int]], stages: Sequence[Stage], n_
     # An embedded run holds its first stage until an encoder is up (see StartGate); a cluster's
     # GPU nodes may take minutes to come up, and reading ahead meanwhile costs it nothing.
     gated = {"wait", "open"} <= {s.start_gate for s in stages}  # something waits, and something opens
-    gate = pass_start_gate_ticket() if gated and is_embedded() else None
+    gate = start_gate_for_pass() if gated and is_embedded() else None
     stages = [_with_gate(stage, gate) for stage in stages]
     try:
         configure_data_context()

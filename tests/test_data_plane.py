@@ -476,9 +476,9 @@ def test_shard_blocks_put_the_first_shards_alone_and_cap_the_rest():
 def test_start_gate_holds_waiters_until_opened_and_times_out(ray_local) -> None:
     import ray
 
-    from pipelines.plan import open_start_gate, pass_start_gate_ticket
+    from pipelines.plan import open_start_gate, start_gate_for_pass
 
-    first, second = pass_start_gate_ticket(), pass_start_gate_ticket()
+    first, second = start_gate_for_pass(), start_gate_for_pass()
     gate, key = first
     assert second[0]._actor_id == gate._actor_id and second[1] != key  # one actor, a key per pass
     assert ray.get(gate.wait.remote(key, 0.2)) is False  # nobody opened it: the wait ends by its timeout
