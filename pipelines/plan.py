@@ -69,7 +69,9 @@ class StartGate:
     def _event(self, key: str):
         import asyncio
 
-        return self._opened.setdefault(key, asyncio.Event())
+        if key not in self._opened:  # setdefault would build a throwaway Event on every call
+            self._opened[key] = asyncio.Event()
+        return self._opened[key]
 
     async def open(self, key: str) -> None:
         self._event(key).set()
