@@ -68,7 +68,7 @@ class LabelConfig:
     view_batch_size: int = 256  # crops per encoder forward pass
     num_encoders: int | None = None  # encode actors; default: --gpus, else one per visible GPU, else one CPU actor
     gpus: int | None = None  # GPU encode actors to ask the cluster for (autoscaling clusters start with none)
-    num_decoders: int | None = None  # most decode+views actors (default: the free CPUs)
+    num_decoders: int | None = None  # most decode+views tasks at once (default: the free CPUs)
     seed: int = 0
     limit: int | None = None
     top_k: int = 5

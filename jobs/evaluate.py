@@ -80,7 +80,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     x.add_argument("--num-encoders", type=int, default=s,
                    help="encode actors (default: --gpus, else one per GPU up now, else 1)")
     x.add_argument("--gpus", type=int, default=s, help="GPU encode actors to ask the cluster for")
-    x.add_argument("--num-decoders", type=int, default=s, help="most decode+views actors (default: free CPUs)")
+    x.add_argument("--num-decoders", type=int, default=s, help="most decode+views tasks at once (default: free CPUs)")
     x.add_argument("--shard-size", type=int, default=s, help="images per embeddings file (20000)")
     x.add_argument("--limit", type=int, default=s, help="evaluate only the first N inputs")
     x.add_argument("--max-pixels", type=int, default=s, help="refuse images larger than this")

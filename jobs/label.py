@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="encode actors (default: --gpus, else one per GPU up now, else 1)")
     e.add_argument("--gpus", type=int, default=s,
                    help="GPU encode actors to ask the cluster for (autoscaling clusters start with none up)")
-    e.add_argument("--num-decoders", type=int, default=s, help="most decode+views actors (default: free CPUs)")
+    e.add_argument("--num-decoders", type=int, default=s, help="most decode+views tasks at once (default: free CPUs)")
     e.add_argument("--limit", type=int, default=s, help="label only the first N inputs")
     e.add_argument("--top-k", type=int, default=s, help="labels kept per image (5)")
     e.add_argument("--max-pixels", type=int, default=s, help="refuse images larger than this (decompression-bomb guard)")

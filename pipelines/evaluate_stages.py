@@ -112,7 +112,8 @@ def view_presets(config: LabelConfig, names: Sequence[str]) -> dict[str, ViewPre
 
 
 class EvalViewStage:
-    """Callable class for ``Dataset.map_batches``: decode + views for every preset at once.
+    """Decode + views for every preset at once (the evaluation's ``stage_class`` of
+    :func:`pipelines.views.views_stage`).
 
     Runs the labelling pipeline's :class:`pipelines.views.ViewStage` once for the view-less methods
     (whole image decoded at the model's input size) and once per view preset (decoded at that
@@ -286,7 +287,7 @@ def eval_stages(config: LabelConfig, res, *, presets: dict[str, ViewPreset], mod
     return [
         shards_stage(out, True),
         read_stage(config.batch_size),
-        views_stage(batch_size=config.batch_size, max_actors=res.decoders, use_gpu=res.use_gpu,
+        views_stage(batch_size=config.batch_size, max_tasks=res.decoders, use_gpu=res.use_gpu,
                     stage_class=EvalViewStage, image_size=preprocess["size"], seed=config.seed,
                     max_pixels=config.max_pixels, presets={k: dataclasses.asdict(v) for k, v in presets.items()},
                     resize_mode=preprocess["resize_mode"]),

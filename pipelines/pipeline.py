@@ -381,7 +381,7 @@ def label_stages(config: LabelConfig, res: Resources, label_sets, run_id: str, s
     return [
         shards_stage(config.out, has_truth),
         read_stage(config.batch_size),
-        views_stage(batch_size=config.batch_size, max_actors=res.decoders, use_gpu=res.use_gpu, image_size=preprocess["size"],
+        views_stage(batch_size=config.batch_size, max_tasks=res.decoders, use_gpu=res.use_gpu, image_size=preprocess["size"],
                     preset=preset, seed=config.seed, max_pixels=config.max_pixels,
                     resize_mode=preprocess["resize_mode"],
                     # the first stage and kept embeddings see the whole image as a whole-image method does

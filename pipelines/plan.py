@@ -132,7 +132,7 @@ class Resources:
     """What a job asks the cluster for, decided from its settings.
 
     ``use_gpu``: encode actors (and the label-set task) take one GPU each. ``encoders``: encode
-    actors. ``decoders``: the most decode+views actors. ``torch_threads``: per CPU encoder.
+    actors. ``decoders``: the most decode+views tasks at once. ``torch_threads``: per CPU encoder.
     """
 
     use_gpu: bool

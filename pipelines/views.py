@@ -1,10 +1,11 @@
-"""Stage 3 — decode + views (CPU actors).
+"""Stage 3 — decode + views (CPU tasks).
 
 Per image: decode at working resolution, encode-ready whole image (open_clip eval preprocessing,
 uint8), and for WCA/BiFTA the view boxes — sampled (WCA localized visual prompting), refined by IoU
 (BiFTA view refinement), seeded from (global seed, image id) — mapped onto the working image.
-Crops are cut later by the encoder (``bifta_core.method.views.crop_resize_tensor``), on the GPU when there
-is one, so only the working-resolution image and a few boxes travel through the object store.
+Crops are cut by the encoder (``bifta_core.method.views.crop_resize_tensor``), on the GPU when there
+is one, so only the working-resolution image and a few boxes travel through the object store —
+unless the crops are smaller than the working image: then they are cut here and shipped instead.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ def cut_crops(pixels: np.ndarray | torch.Tensor, boxes: np.ndarray | torch.Tenso
 
 
 class ViewStage:
-    """Callable class for ``Dataset.map_batches``; construction is cheap (no model).
+    """Decode + views of a batch; construction is cheap (no model), so :func:`decode_views` builds
+    one per batch.
 
     By default ``boxes`` holds the views kept by refinement. With ``all_views=True`` (evaluation,
     which scores refined and unrefined views from one encoding pass) ``boxes`` holds every sampled
@@ -135,13 +137,21 @@ class ViewStage:
         return to_table(out)
 
 
+def decode_views(batch: dict[str, np.ndarray], stage_class: type = ViewStage, **settings) -> pa.Table:
+    """The decode+views stage's task: ``stage_class(**settings)`` applied to one batch."""
+    return stage_class(**settings)(batch)
 
-def views_stage(*, batch_size: int, max_actors: int, use_gpu: bool, stage_class: type = ViewStage,
-                **constructor_kwargs) -> Stage:
-    """Decode + views actors. On a GPU plan each takes a full core (a single-threaded decode that
-    shares a core only slows down); on a CPU plan the encoder's threads use every core anyway, so
-    decoders take half a core and leave room for it."""
+
+def views_stage(*, batch_size: int, max_tasks: int, use_gpu: bool, stage_class: type = ViewStage,
+                **settings) -> Stage:
+    """Decode + views as Ray tasks, at most ``max_tasks`` at once. Tasks, not an actor pool: the stage
+    holds no model, and tasks run in Ray's pooled worker processes, which keep their imports (torch)
+    for the next run of the same driver, where an actor pool started new processes every run
+    (~4 CPU-s a run on the 2-core test machine). On a GPU plan each task takes a full core (a
+    single-threaded decode that shares a core only slows down); on a CPU plan the encoder's threads
+    use every core anyway, so a task takes half a core and leaves room for it. Its resources differ
+    from the encoder's, so Ray Data never fuses decoding into the encode actors."""
     from pipelines.plan import Stage
 
-    return Stage("decode+views", stage_class, batch_size=batch_size, num_cpus=1.0 if use_gpu else 0.5,
-                 actors=(1, max_actors), constructor_kwargs=constructor_kwargs)
+    return Stage("decode+views", decode_views, batch_size=batch_size, num_cpus=1.0 if use_gpu else 0.5,
+                 concurrency=max_tasks, fn_kwargs=dict(settings, stage_class=stage_class))
