@@ -245,6 +245,27 @@ def test_label_and_evaluate_plans_come_from_one_builder() -> None:
         assert {k: v for k, v in a.items() if k != "name"} == {k: v for k, v in b.items() if k != "name"}
 
 
+@pytest.mark.parametrize("gpus", [0, 2])
+def test_decode_runs_as_pooled_tasks_that_never_fuse_into_the_encoders(gpus: int) -> None:
+    """Decode+views is a task stage (Ray's pooled workers keep their torch import for the next run),
+    and its remote arguments differ from the encoders', so Ray Data keeps it a stage of its own."""
+    from ray.data._internal.logical.rules.operator_fusion import are_remote_args_compatible
+
+    from pipelines.pipeline import label_stages
+    from pipelines.plan import plan_resources, remote_args
+
+    config = LabelConfig(input="x", labels=["a,b"], out="o", gpus=gpus,
+                         model=ModelConfig(model="bifta-tiny-vit", pretrained="random"))
+    res = plan_resources(config, {"CPU": 8, "GPU": gpus}, embedded=True)
+    import pyarrow as pa_
+
+    stages = {s.name: s for s in label_stages(config, res, [], "rid", pa_.schema([]), False)}
+    decode, encode = stages["decode+views"], stages["encode+score"]
+    assert decode.actors is None and decode.concurrency == res.decoders and not isinstance(decode.fn, type)
+    assert encode.actors == (res.encoders, res.encoders)
+    assert not are_remote_args_compatible(remote_args({}, decode), remote_args({}, encode))
+
+
 # ---------------------------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def ray_local(local_ray):
