@@ -127,9 +127,13 @@ def test_scaling_bench_smoke(local_ray, tmp_path, capsys):
     assert result["benchmark"] == "scaling"
     assert SCALING_KEYS <= set(result)
     assert SCALING_TARGETS == set(result["targets"])
-    # warm-up N, the one-batch start-up run (default --batch-size 8, capped by the 8 images), N, 2×N
+    # warm-up N, the median of three one-batch start-up runs (default --batch-size 8, capped by the 8
+    # images), N, 2×N
     assert [r["name"] for r in result["runs"]] == ["warm-up", "start-up", "N", "2xN"]
     assert [r["images"] for r in result["runs"]] == [4, 8, 4, 8]
+    startups = result["startup_runs_s"]
+    assert len(startups) == 3 and result["targets"]["throughput_ratio"]["startup_s"] == round(sorted(startups)[1], 3)
+    assert result["runs"][1]["encode_seconds"] == sorted(startups)[1]
     assert result["targets"]["no_error_rows"]["ok"] is True
 
 
@@ -163,6 +167,20 @@ def test_scaling_bench_driver_case_smoke(tmp_path, monkeypatch):
     assert figures.peak_rss_mb == max(figures.fresh_peak_rss_mb, figures.resume_peak_rss_mb)
     assert 0 < figures.first_part_s < 300 and 0 < figures.resume_first_part_s <= figures.resume_total_s
     assert not (work / "driver-out-300").exists() and not (work / "driver-300.parquet").exists()  # cleaned up
+
+
+def test_scaling_working_rate_leaves_out_the_start_up_run_and_its_images():
+    from jobs.bench_scaling import RunFigures, working_rate
+
+    def run(images: int, seconds: float) -> RunFigures:
+        return RunFigures(name="r", images=images, images_per_second=0.0, steady_images_per_second=0.0,
+                          encode_seconds=seconds, total_seconds=seconds, label_set_seconds=0.0,
+                          driver_peak_rss_mb=0.0, text_encoded=False, cache_hits=1, errors=0)
+
+    # T0 = 5 s labelled 8 images: 192 more images in 5 more seconds, at N and at 10×N alike
+    assert working_rate(run(200, 10.0), 5.0, 8) == pytest.approx(38.4)
+    assert working_rate(run(2000, 55.0), 5.0, 8) == pytest.approx(39.84)
+    assert working_rate(run(200, 4.0), 5.0, 8) == 0.0  # shorter than T0: no rate
 
 
 def test_scaling_bench_driver_targets():
