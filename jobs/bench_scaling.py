@@ -284,9 +284,10 @@ def driver_rows(args: argparse.Namespace) -> tuple[int, int]:
 
 def working_rate(run: RunFigures, startup_s: float, startup_images: int = 0) -> float:
     """Images/s once running: the images beyond the one-batch run's over the encode time beyond its
-    T0 (that run's batch went through every stage, so T0 includes labelling those images)."""
+    T0 (that run's batch went through every stage, so T0 includes labelling those images; a run
+    smaller than that batch has none beyond it)."""
     busy = run.encode_seconds - startup_s
-    return (run.images - startup_images) / busy if busy > 0 else 0.0
+    return (run.images - min(startup_images, run.images)) / busy if busy > 0 else 0.0
 
 
 def evaluate_targets(small: RunFigures, large: RunFigures, warm_cache_runs: list[RunFigures],

@@ -181,6 +181,7 @@ def test_scaling_working_rate_leaves_out_the_start_up_run_and_its_images():
     assert working_rate(run(200, 10.0), 5.0, 8) == pytest.approx(38.4)
     assert working_rate(run(2000, 55.0), 5.0, 8) == pytest.approx(39.84)
     assert working_rate(run(200, 4.0), 5.0, 8) == 0.0  # shorter than T0: no rate
+    assert working_rate(run(4, 6.0), 5.0, 8) == 0.0  # all within the one batch: no images beyond it, never < 0
 
 
 def test_scaling_bench_driver_targets():
